@@ -1,0 +1,81 @@
+"""Shared fixtures: one local Ray instance per session, tiny real HF models, a synthetic data set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep every test offline and on this machine (DESIGN.md: "Keep test traffic on this machine").
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RAY_NUM_CPUS = int(os.environ.get("VEMBED_TEST_RAY_CPUS", "4"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (127.0.0.1 only, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=RAY_NUM_CPUS,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tiny_models_dir) -> Path:
+    from vembed.testing import make_tiny_clip
+
+    return make_tiny_clip(tiny_models_dir / "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tiny_models_dir) -> Path:
+    from vembed.testing import make_tiny_siglip
+
+    return make_tiny_siglip(tiny_models_dir / "siglip")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tiny_models_dir) -> Path:
+    from vembed.testing import make_tiny_bert
+
+    return make_tiny_bert(tiny_models_dir / "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tiny_models_dir) -> Path:
+    from vembed.testing import make_tiny_vit
+
+    return make_tiny_vit(tiny_models_dir / "vit")
+
+
+@pytest.fixture(scope="session")
+def shapes_t2i(tmp_path_factory) -> dict[str, Path]:
+    """A small t2i data set (JSONL, CSV and Parquet records + JPEGs), shared read-only by tests."""
+    from vembed.testing import make_shapes_dataset
+
+    return make_shapes_dataset(
+        tmp_path_factory.mktemp("shapes_t2i"),
+        num_train=64,
+        num_val=16,
+        num_test=16,
+        formats=("jsonl", "csv", "parquet"),
+    )
