@@ -1,0 +1,111 @@
+"""Configuration: three layers, validation at the edge, clear errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vembed.config import (
+    DEFAULTS_PATH,
+    ConfigError,
+    VEmbedConfig,
+    as_config,
+    load_and_parse_config,
+    load_base_config,
+    merge_configs,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_file_and_dataclass_hold_the_same_keys():
+    raw = yaml.safe_load(DEFAULTS_PATH.read_text())
+    assert set(raw) == set(VEmbedConfig.__dataclass_fields__)
+    # every key has a one-line comment
+    for line in DEFAULTS_PATH.read_text().splitlines():
+        if re.match(r"^[a-z_0-9]+:", line):
+            assert "#" in line, f"defaults.yaml key without a comment: {line}"
+
+
+def test_every_key_is_read_somewhere_in_the_package():
+    source = "\n".join(p.read_text() for p in (Path(__file__).parent.parent / "vembed").rglob("*.py"))
+    source = source.replace((Path(__file__).parent.parent / "vembed" / "config.py").read_text(), "")
+    unread = [k for k in VEmbedConfig.__dataclass_fields__ if not re.search(rf"(\.|\[\"|\"){k}\b", source)]
+    assert not unread, f"keys in defaults.yaml that no module reads: {unread}"
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("learning_rate: 3.0e-4\nbatch_size: 8\nmodel_name: some/model\n")
+    cfg = load_and_parse_config([str(cfg_file), "--config_override", "batch_size=16", "mrl_dims=[32, 64]"])
+    assert cfg.learning_rate == pytest.approx(3e-4)  # file over defaults
+    assert cfg.batch_size == 16  # override over file
+    assert cfg.mrl_dims == [32, 64]  # YAML list parsed
+    assert cfg.epochs == load_base_config().epochs  # untouched default
+    assert cfg["model_name"] == "some/model" == cfg.model_name
+
+
+def test_load_and_parse_config_without_file_reads_overrides_only():
+    cfg = load_and_parse_config(["--config_override", "lr=0.5", "use_lora=true"])
+    assert cfg.learning_rate == 0.5 and cfg.use_lora is True
+
+
+def test_load_and_parse_config_reads_sys_argv(monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.argv", ["prog", "--config_override", "epochs=7"])
+    assert load_and_parse_config().epochs == 7
+
+
+def test_unknown_key_names_key_file_and_closest_key(tmp_path):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_and_parse_config([str(cfg_file)])
+    msg = str(err.value)
+    assert "learning_rat" in msg and str(cfg_file) in msg and "did you mean 'learning_rate'" in msg
+
+
+def test_wrong_type_names_key_expected_type_and_value():
+    with pytest.raises(ConfigError) as err:
+        as_config({"batch_size": "lots"})
+    msg = str(err.value)
+    assert "batch_size" in msg and "int" in msg and "'lots'" in msg
+    with pytest.raises(ConfigError, match="strategy.*'ddp' \\| 'fsdp'.*'zero3'"):
+        as_config({"strategy": "zero3"})
+
+
+def test_lr_and_learning_rate_are_one_key():
+    assert as_config({"lr": 1e-3}).learning_rate == 1e-3
+    assert as_config({"lr": 1e-3, "learning_rate": 1e-3}).learning_rate == 1e-3
+    with pytest.raises(ConfigError, match="'lr' and 'learning_rate'"):
+        as_config({"lr": 1e-3, "learning_rate": 2e-3})
+    assert "lr" in as_config({}) and as_config({"lr": 0.25})["lr"] == 0.25
+
+
+def test_dict_config_is_merged_over_defaults_and_validated():
+    cfg = as_config({"model_name": "m", "use_lora": True, "lora_r": 16})
+    assert cfg.lora_r == 16 and cfg.lora_alpha == load_base_config().lora_alpha
+    merged = merge_configs(load_base_config(), {"epochs": 1})
+    assert isinstance(merged, VEmbedConfig) and merged.epochs == 1
+    assert merge_configs({"epochs": 2}, {"batch_size": 4}).epochs == 2
+
+
+def test_mrl_weights_must_pair_with_dims():
+    with pytest.raises(ConfigError, match="one weight per dim"):
+        as_config({"mrl_dims": [8, 16], "mrl_weights": [1.0]})
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = as_config({"epochs": 5, "column_mapping": {"caption": "query"}})
+    path = cfg.save(tmp_path / "out" / "config.yaml")
+    again = load_and_parse_config([str(path)])
+    assert again == cfg
+
+
+def test_missing_config_file_and_bad_override():
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_and_parse_config(["nope.yaml"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_and_parse_config(["--config_override", "epochs"])
