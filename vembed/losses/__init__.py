@@ -17,7 +17,7 @@ from vembed.losses.matryoshka import MatryoshkaLoss  # isort: skip
 from vembed.losses.maxsim import MaxSimLoss  # isort: skip
 from vembed.losses.sigmoid import SigmoidLoss  # isort: skip
 from vembed.losses.triplet import TripletLoss  # isort: skip
-from vembed.losses.distributed import all_gather_with_grad, gather_with_grad  # isort: skip
+from vembed.losses.distributed import all_gather_with_grad, average_gradients, gather_with_grad  # isort: skip
 from vembed.losses.factory import LossFactory  # isort: skip
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "UnknownLossError",
     "all_gather_with_grad",
     "available_losses",
+    "average_gradients",
     "gather_with_grad",
     "get_loss_class",
     "register_loss",

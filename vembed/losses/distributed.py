@@ -19,12 +19,13 @@ Not initialised, or a world of one: identity.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,19 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     Identity when ``torch.distributed`` is not initialised or the world has one rank.
     """
     return all_gather_with_grad(tensor).tensor
+
+
+def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
+    """All-reduce-average ``.grad`` of parameters that DDP does not wrap (e.g. a learnable temperature).
+
+    A loss module lives outside the DDP model (GradCache even calls it on cached representations),
+    so its parameters' gradients are rank-local: call this after backward so that every rank applies
+    the gradient of the global loss. No-op when not distributed.
+    """
+    _, world = distributed_world()
+    if world == 1:
+        return
+    for param in parameters:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= world

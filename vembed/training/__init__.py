@@ -1,0 +1,1 @@
+"""Training: config, model builder, optimizer, training loop, GradCache, distributed wrapping, checkpoints."""
