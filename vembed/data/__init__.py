@@ -1,0 +1,1 @@
+"""Data: record schema, readers, image decoding, preprocessing, collators and Ray Data pipelines."""
