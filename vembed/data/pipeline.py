@@ -1,0 +1,249 @@
+"""The Ray Data training pipeline: record files -> preprocessed rows that every Train worker streams batches from.
+
+Stages (each streams; nothing holds the data set in one process)::
+
+    RecordDatasource       read JSONL / CSV / Parquet (local or pyarrow URI) with vembed's own parser and schema:
+                           normalised record rows; a malformed line fails naming file and line
+    random_shuffle         (shuffle: true) a seeded shuffle of the *records* -- paths and texts, small next to
+                           pixels -- with the same permutation every epoch, so a resumed run sees the same order
+    map_batches            in Data actors: read + decode images, resize/normalise, tokenise with
+                           :func:`~vembed.data.batching.build_batch` (the function the torch collator uses);
+                           texts are padded to ``max_text_length`` so all blocks share one shape; bad records are
+                           dropped and counted (:class:`BadRecordCounter`) or fail the job (``on_bad_record: fail``)
+
+In each Train worker, :func:`iter_train_batches` turns ``ray.train.get_dataset_shard("train")`` into equal-sized
+torch batches in the model's layout (``drop_last=True``), trims the text padding back to the batch's longest text
+(:func:`collate_train_batch`) and reshuffles per epoch with a local buffer seeded by ``seed + epoch``. For a
+reproducible order, give the trainer ``DataConfig(execution_options=ExecutionOptions(preserve_order=True))``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data.datasource import FileBasedDatasource
+
+from vembed.config import VEmbedConfig, as_config
+from vembed.data.batching import BadRecord, build_batch, check_bad_record_policy, trim_text_padding
+from vembed.data.readers import RECORD_EXTENSIONS, first_record, parse_record_file, resolve_record_files
+from vembed.data.records import SOURCE_FIELD, RecordSchema
+
+RECORD_BLOCK_ROWS = 1024
+"""Records per block read from a file (a block is the unit Ray Data schedules and shuffles)."""
+PREPROCESS_BATCH_ROWS = 32
+"""Records per ``map_batches`` call: small enough that a block of pixels stays a few tens of MB."""
+MIN_SHUFFLE_BUFFER_ROWS = 256
+"""Smallest local shuffle buffer (in preprocessed rows) used by :func:`iter_train_batches`."""
+
+RECORD_ARROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("query", pa.string()),
+        ("query_image", pa.string()),
+        ("positive", pa.string()),
+        ("negatives", pa.list_(pa.string())),
+        ("label", pa.int64()),
+        (SOURCE_FIELD, pa.string()),
+    ]
+)
+
+
+@ray.remote(num_cpus=0)
+class _BadRecordTally:
+    """Actor state behind :class:`BadRecordCounter`."""
+
+    def __init__(self, max_examples: int) -> None:
+        self._count = 0
+        self._examples: list[tuple[str, str, str]] = []
+        self._max_examples = max_examples
+
+    def add(self, bad: list[tuple[str, str, str]]) -> None:
+        self._count += len(bad)
+        self._examples.extend(bad[: max(0, self._max_examples - len(self._examples))])
+
+    def total(self) -> int:
+        return self._count
+
+    def examples(self) -> list[tuple[str, str, str]]:
+        return list(self._examples)
+
+
+class BadRecordCounter:
+    """Counts the records the pipeline dropped under ``on_bad_record: skip``, across all Data workers.
+
+    A picklable handle to a tiny (zero-CPU) Ray actor: create it in the driver, pass it to
+    :func:`build_train_dataset`, and read :meth:`total` anywhere (driver or Train worker) to report it. Every epoch
+    re-reads the data, so a record that stays bad is counted once per epoch. Requires a running Ray instance.
+    """
+
+    def __init__(self, max_examples: int = 20) -> None:
+        self._actor = _BadRecordTally.remote(max_examples)
+
+    def add(self, bad: Sequence[BadRecord]) -> None:
+        """Record dropped records (waits for the actor so a later :meth:`total` includes them)."""
+        if bad:
+            ray.get(self._actor.add.remote([tuple(b) for b in bad]))
+
+    def total(self) -> int:
+        """How many records have been dropped so far."""
+        return ray.get(self._actor.total.remote())
+
+    def examples(self) -> list[BadRecord]:
+        """The first few dropped records (id, source, error), for logs."""
+        return [BadRecord(*b) for b in ray.get(self._actor.examples.remote())]
+
+
+class RecordDatasource(FileBasedDatasource):
+    """Ray Data source of normalised records, parsed by :mod:`vembed.data.readers` and checked by a schema.
+
+    One read task streams one or more files block by block; any schema problem raises
+    :class:`~vembed.data.records.RecordError` naming file and line, which fails the job.
+    """
+
+    _FILE_EXTENSIONS = [ext.lstrip(".") for ext in RECORD_EXTENSIONS]
+
+    def __init__(self, paths: str | list[str], record_schema: RecordSchema, **file_based_kwargs: Any) -> None:
+        super().__init__(paths, **file_based_kwargs)
+        self._record_schema = record_schema
+
+    def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
+        return filesystem.open_input_file(path)  # random access: Parquet reads its footer first
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        rows: list[dict[str, Any]] = []
+        for raw in parse_record_file(f, path):
+            rows.append(self._record_schema.normalize(raw))
+            if len(rows) == RECORD_BLOCK_ROWS:
+                yield pa.Table.from_pylist(rows, schema=RECORD_ARROW_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=RECORD_ARROW_SCHEMA)
+
+
+class PreprocessRecords:
+    """``map_batches`` UDF (run in a Data actor pool): a pyarrow batch of records -> model-input arrays."""
+
+    def __init__(
+        self,
+        preprocessor: Any,
+        retrieval_mode: str,
+        on_bad_record: str,
+        bad_records: BadRecordCounter | None,
+    ) -> None:
+        self.preprocessor = preprocessor
+        self.retrieval_mode = retrieval_mode
+        self.on_bad_record = check_bad_record_policy(on_bad_record)
+        self.bad_records = bad_records
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        batch, bad = build_batch(
+            table.to_pylist(),
+            self.preprocessor,
+            self.retrieval_mode,
+            on_bad_record=self.on_bad_record,
+            pad_to_max_length=True,
+        )
+        if bad and self.bad_records is not None:
+            self.bad_records.add(bad)
+        return batch  # an empty dict (every record bad) adds no rows
+
+
+def shuffle_seed(cfg: VEmbedConfig | Mapping[str, Any]) -> int:
+    """``shuffle_seed``, or ``seed`` when it is null."""
+    cfg = as_config(cfg)
+    return cfg.shuffle_seed if cfg.shuffle_seed is not None else cfg.seed
+
+
+def read_record_dataset(path: str | os.PathLike, cfg: VEmbedConfig | Mapping[str, Any]) -> ray.data.Dataset:
+    """Normalised records at ``path`` (file, directory or URI) as a Ray Dataset, schema taken from ``cfg``.
+
+    The layout (number of negatives, labels or not) is fixed from the first record, read here in the driver, so an
+    empty data set fails now with :class:`~vembed.data.readers.EmptyDatasetError` rather than inside a worker.
+    """
+    cfg = as_config(cfg)
+    filesystem, files = resolve_record_files(path)
+    schema = RecordSchema.from_config(cfg)
+    schema = schema.with_layout_of(first_record(path, schema))
+    return ray.data.read_datasource(RecordDatasource(files, schema, filesystem=filesystem))
+
+
+def build_train_dataset(
+    path: str | os.PathLike,
+    preprocessor: Any,
+    cfg: VEmbedConfig | Mapping[str, Any],
+    bad_records: BadRecordCounter | None = None,
+) -> ray.data.Dataset:
+    """The training Dataset: rows in the model's batch layout (see :mod:`vembed.data.batching`), one per record.
+
+    Args:
+        path: record file, directory or pyarrow URI.
+        preprocessor: the model's :class:`~vembed.data.processing.Preprocessor` (shipped to the Data actors).
+        cfg: reads ``retrieval_mode``, ``column_mapping``, ``image_root``, ``on_bad_record``, ``shuffle``,
+            ``shuffle_seed``/``seed`` (``max_text_length`` is the preprocessor's).
+        bad_records: counts records dropped under ``on_bad_record: skip`` (they are logged either way).
+
+    Text columns are padded to ``preprocessor.max_text_length``; consume the dataset with
+    :func:`iter_train_batches` (or ``iter_torch_batches(collate_fn=collate_train_batch)``) to get batches padded
+    to their longest text.
+    """
+    cfg = as_config(cfg)
+    ds = read_record_dataset(path, cfg)
+    if cfg.shuffle:
+        ds = ds.random_shuffle(seed=shuffle_seed(cfg))
+    return ds.map_batches(
+        PreprocessRecords,
+        fn_constructor_kwargs={
+            "preprocessor": preprocessor,
+            "retrieval_mode": cfg.retrieval_mode,
+            "on_bad_record": cfg.on_bad_record,
+            "bad_records": bad_records,
+        },
+        batch_size=PREPROCESS_BATCH_ROWS,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1),
+    )
+
+
+def collate_train_batch(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """``iter_torch_batches`` collate function: trim shared text padding, then numpy -> torch.
+
+    Ray hands out read-only views of its object store; the tensors are copies the training step may modify.
+    """
+    return {key: torch.tensor(value) for key, value in trim_text_padding(batch).items()}
+
+
+def iter_train_batches(
+    shard: ray.data.DataIterator | ray.data.Dataset,
+    batch_size: int,
+    cfg: VEmbedConfig | Mapping[str, Any],
+    epoch: int = 0,
+    prefetch_batches: int = 1,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of equal-sized training batches from a worker's shard (``ray.train.get_dataset_shard("train")``).
+
+    ``batch_size`` is this worker's share of the global batch; the last partial batch is dropped so every step of
+    every rank has the same size (contrastive losses need it). With ``shuffle: true`` rows pass through a local
+    shuffle buffer seeded by ``shuffle_seed + epoch``: a different, reproducible order each epoch.
+    """
+    cfg = as_config(cfg)
+    shuffle = {}
+    if cfg.shuffle:
+        shuffle = {
+            "local_shuffle_buffer_size": max(MIN_SHUFFLE_BUFFER_ROWS, 4 * batch_size),
+            "local_shuffle_seed": shuffle_seed(cfg) + epoch,
+        }
+    return iter(
+        shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            collate_fn=collate_train_batch,
+            prefetch_batches=prefetch_batches,
+            **shuffle,
+        )
+    )
