@@ -1,0 +1,255 @@
+"""Inference: :class:`VEmbedFactoryPredictor` turns texts and images into embeddings.
+
+The Predictor is the one inference path: batch embedding (Ray Data actors) and Serve replicas call the same
+``encode_*`` methods, so a vector is the same whichever front end produced it. It loads a vembed checkpoint (or a
+raw HF model directory / hub id), picks CUDA when present, runs in eval + inference mode and returns float32 numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vembed.data.images import load_image
+from vembed.data.processing import Preprocessor
+from vembed.model import EmbeddingModel, finalize_embeddings
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+POOLING_METHODS = ("cls", "mean", "last")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _check_model_path(model_path: str | os.PathLike) -> str:
+    """A local-looking path must exist; anything else is treated as a hub id (offline: must be cached)."""
+    text = str(model_path)
+    if not text:
+        raise ValueError("model_path is empty; pass a checkpoint directory or a hub id")
+    looks_local = Path(text).exists() or text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1]
+    if looks_local and not Path(text).expanduser().exists():
+        raise FileNotFoundError(f"model_path {text!r} does not exist; pass a vembed checkpoint or HF model directory")
+    return str(Path(text).expanduser()) if Path(text).expanduser().exists() else text
+
+
+class VEmbedFactoryPredictor:
+    """Encode texts and images with a trained (or any supported HF) embedding model.
+
+    Args:
+        model_path: a vembed checkpoint (``output/checkpoint-epoch-3``), an HF model directory or a hub id.
+        device: ``"cuda:0"``, ``"cpu"`` ...; ``None`` picks CUDA when available.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` compute dtype (outputs are always float32).
+        pooling_method: override the checkpoint's pooling (``"cls"``, ``"mean"``, ``"last"``); ``None`` keeps it.
+        dimension: default Matryoshka dimension for every call (truncate + re-normalise); ``None`` = full size.
+        max_text_length: tokens per text (``None``: the model's configured length).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        device: str | None = None,
+        dtype: str = "float32",
+        pooling_method: str | None = None,
+        dimension: int | None = None,
+        max_text_length: int | None = None,
+        mrl_dim: int | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        if pooling_method is not None and pooling_method not in POOLING_METHODS:
+            raise ValueError(
+                f"pooling_method={pooling_method!r} is not supported; use one of {POOLING_METHODS} or None"
+            )
+        if dimension is not None and mrl_dim is not None and dimension != mrl_dim:
+            raise ValueError(f"dimension={dimension} and mrl_dim={mrl_dim} disagree; pass one of them")
+        self.model_path = _check_model_path(model_path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = DTYPES[dtype]
+        overrides = {"pooling_method": pooling_method} if pooling_method else {}
+        self.model = EmbeddingModel.from_pretrained(self.model_path, **overrides)
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.preprocessor = Preprocessor.from_pretrained(self.model_path, max_text_length=max_text_length or 77)
+        self.dimension = self._check_dimension(dimension if dimension is not None else mrl_dim)
+
+    # ---- properties ----
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the vectors returned by default (the Matryoshka ``dimension`` when one is set)."""
+        return self.dimension or self.model.embedding_dim
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """What produced these vectors: written beside batch outputs, shown by Serve's ``/v1/models``."""
+        meta = Path(self.model_path) / "vembed.json"
+        return {
+            "model_path": self.model_path,
+            "family": self.model.family,
+            "pooling_method": self.model.pooling_method,
+            "embedding_dim": self.embedding_dim,
+            "full_dim": self.model.embedding_dim,
+            "normalize": self.model.normalize,
+            "mrl_dims": list(self.model.mrl_dims),
+            "vembed_json_sha256": hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else None,
+        }
+
+    # ---- public encoders ----
+    def encode_text(self, texts: str | Sequence[str], batch_size: int = 32, dimension: int | None = None) -> np.ndarray:
+        """Texts -> ``(D,)`` for one string, ``(N, D)`` for a list. Batches are sorted by length for speed."""
+        single = isinstance(texts, str)
+        items = [texts] if single else list(self._check_list(texts, "texts"))
+        for i, text in enumerate(items):
+            if not isinstance(text, str):
+                raise ValueError(f"texts[{i}] must be a string, got {type(text).__name__}")
+            if not text.strip():
+                raise ValueError(f"texts[{i}] is empty; every text needs at least one non-space character")
+        self._check_batch_size(batch_size)
+        order = sorted(range(len(items)), key=lambda i: len(items[i]), reverse=True)
+        out = np.empty((len(items), self._out_dim(dimension)), dtype=np.float32)
+        for start in range(0, len(items), batch_size):
+            idx = order[start : start + batch_size]
+            tokens = self.preprocessor.process_texts([items[i] for i in idx])
+            out[idx] = self.encode_tokens(tokens["input_ids"], tokens["attention_mask"], dimension)
+        return out[0] if single else out
+
+    def encode_image(
+        self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, dimension: int | None = None
+    ) -> np.ndarray:
+        """Images (paths, PIL images or encoded bytes) -> ``(D,)`` for one image, ``(N, D)`` for a list."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(self._check_list(images, "images"))
+        self._check_batch_size(batch_size)
+        out = np.empty((len(items), self._out_dim(dimension)), dtype=np.float32)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            pil = [self._load(img, f"images[{start + j}]") for j, img in enumerate(chunk)]
+            out[start : start + len(chunk)] = self.encode_pixel_values(self.preprocessor.process_images(pil), dimension)
+        return out[0] if single else out
+
+    def encode_multimodal(
+        self, texts: str | Sequence[str], images: ImageInput | Sequence[ImageInput], dimension: int | None = None
+    ) -> np.ndarray:
+        """Composed queries (image + text, e.g. "the same shape in blue"), fused by the model's ``encode``."""
+        single = isinstance(texts, str)
+        text_list = [texts] if single else list(self._check_list(texts, "texts"))
+        image_list = [images] if single else list(self._check_list(images, "images"))
+        if len(text_list) != len(image_list):
+            raise ValueError(f"encode_multimodal got {len(text_list)} texts but {len(image_list)} images")
+        tokens = self.preprocessor.process_texts(text_list)
+        pixels = self.preprocessor.process_images([self._load(x, f"images[{i}]") for i, x in enumerate(image_list)])
+        with torch.inference_mode():
+            emb = self.model.encode(
+                input_ids=torch.as_tensor(tokens["input_ids"], device=self.device),
+                attention_mask=torch.as_tensor(tokens["attention_mask"], device=self.device),
+                pixel_values=torch.as_tensor(pixels, device=self.device, dtype=self.dtype),
+            )
+        out = self._finish(emb, dimension)
+        return out[0] if single else out
+
+    def similarity(
+        self,
+        query_text: str | None = None,
+        documents: Sequence[Any] = (),
+        query_image: ImageInput | None = None,
+        document_type: str = "auto",
+        dimension: int | None = None,
+    ) -> np.ndarray:
+        """Cosine similarity of one query (text, image, or both) to each document -> ``(N,)``.
+
+        ``document_type="auto"`` treats PIL images, bytes and existing files with an image extension as images and
+        everything else as text; pass ``"text"`` or ``"image"`` to say it explicitly.
+        """
+        if query_text is None and query_image is None:
+            raise ValueError("similarity needs query_text, query_image or both")
+        docs = list(self._check_list(documents, "documents"))
+        if document_type not in ("auto", "text", "image"):
+            raise ValueError(f"document_type={document_type!r}; use 'auto', 'text' or 'image'")
+        if query_text is not None and query_image is not None:
+            query = self.encode_multimodal(query_text, query_image, dimension)
+        elif query_text is not None:
+            query = self.encode_text(query_text, dimension=dimension)
+        else:
+            query = self.encode_image(query_image, dimension=dimension)
+        is_image = [document_type == "image" or (document_type == "auto" and self._looks_like_image(d)) for d in docs]
+        doc_emb = np.empty((len(docs), query.shape[-1]), dtype=np.float32)
+        image_idx = [i for i, flag in enumerate(is_image) if flag]
+        text_idx = [i for i, flag in enumerate(is_image) if not flag]
+        if image_idx:
+            doc_emb[image_idx] = self.encode_image([docs[i] for i in image_idx], dimension=dimension)
+        if text_idx:
+            doc_emb[text_idx] = self.encode_text([docs[i] for i in text_idx], dimension=dimension)
+        return _cosine(doc_emb, query)
+
+    # ---- lower-level encoders shared with batch embedding and Serve ----
+    def encode_tokens(self, input_ids: Any, attention_mask: Any, dimension: int | None = None) -> np.ndarray:
+        """Already-tokenised texts ``[N, L]`` -> ``[N, D]`` float32."""
+        with torch.inference_mode():
+            emb = self.model.encode_text(
+                torch.as_tensor(np.asarray(input_ids), device=self.device),
+                torch.as_tensor(np.asarray(attention_mask), device=self.device),
+            )
+        return self._finish(emb, dimension)
+
+    def encode_pixel_values(self, pixel_values: Any, dimension: int | None = None) -> np.ndarray:
+        """Preprocessed images ``[N, 3, H, W]`` (from ``preprocessor.process_images``) -> ``[N, D]`` float32."""
+        with torch.inference_mode():
+            pixels = torch.as_tensor(np.asarray(pixel_values), device=self.device, dtype=self.dtype)
+            emb = self.model.encode_image(pixels)
+        return self._finish(emb, dimension)
+
+    # ---- helpers ----
+    def _finish(self, emb: torch.Tensor, dimension: int | None) -> np.ndarray:
+        """Matryoshka truncation + re-normalisation (the model's one implementation), then float32 numpy."""
+        dim = self._check_dimension(dimension) or self.dimension
+        if dim is not None and dim < emb.shape[-1]:
+            emb = finalize_embeddings(emb.float(), dim=dim, normalize=True)
+        return emb.float().cpu().numpy()
+
+    def _out_dim(self, dimension: int | None) -> int:
+        return self._check_dimension(dimension) or self.embedding_dim
+
+    def _check_dimension(self, dimension: int | None) -> int | None:
+        if dimension is None:
+            return None
+        full = self.model.embedding_dim
+        if not isinstance(dimension, int) or isinstance(dimension, bool) or not 0 < dimension <= full:
+            raise ValueError(f"dimension={dimension!r} must be an integer in 1..{full} (the model's embedding size)")
+        return dimension
+
+    @staticmethod
+    def _check_list(items: Any, name: str) -> Sequence[Any]:
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise ValueError(f"{name} must be a list, got {type(items).__name__}")
+        if len(items) == 0:
+            raise ValueError(f"{name} is empty; pass at least one item")
+        return items
+
+    @staticmethod
+    def _check_batch_size(batch_size: int) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+
+    @staticmethod
+    def _load(image: ImageInput, name: str) -> Image.Image:
+        try:
+            return load_image(image)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{name}: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}: {exc}") from exc
+
+    @staticmethod
+    def _looks_like_image(doc: Any) -> bool:
+        if isinstance(doc, (Image.Image, bytes, bytearray)):
+            return True
+        return isinstance(doc, (str, os.PathLike)) and str(doc).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _cosine(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(vector)
+    return (matrix @ vector / np.maximum(norms, 1e-12)).astype(np.float32)
