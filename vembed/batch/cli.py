@@ -1,0 +1,108 @@
+"""``vembed embed`` (and ``ray_jobs/embed.py``): arguments, then one call to :func:`vembed.batch.embed_corpus`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vembed.batch.options import DTYPES, FORMATS, MODALITIES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``vembed embed``."""
+    parser.add_argument("--model", required=True, help="vembed checkpoint or HF model directory (or hub id)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="image folder (recursive) or JSONL/CSV/Parquet manifest; local path or s3://, gs://, hdfs:// URI",
+    )
+    parser.add_argument("--output", required=True, help="output folder (local or URI) for Parquet shards")
+    parser.add_argument("--modality", choices=MODALITIES, default="image", help="what the input holds")
+    parser.add_argument("--id-column", default=None, help="manifest column with unique ids (default: id)")
+    parser.add_argument(
+        "--source-column",
+        default=None,
+        help="manifest column with image paths or texts (default: path/image/image_path/file, or text)",
+    )
+    parser.add_argument("--image-root", default=None, help="folder that relative manifest paths are relative to")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="rows per model call")
+    parser.add_argument(
+        "--shard-size", type=_positive_int, default=4096, help="rows per output shard (the unit of resume)"
+    )
+    parser.add_argument(
+        "--num-actors",
+        type=_positive_int,
+        default=None,
+        help="fixed number of model actors (or use --min/--max-actors)",
+    )
+    parser.add_argument("--min-actors", type=_positive_int, default=None, help="autoscaling pool: fewest model actors")
+    parser.add_argument("--max-actors", type=_positive_int, default=None, help="autoscaling pool: most model actors")
+    parser.add_argument(
+        "--num-gpus-per-actor",
+        type=_non_negative_float,
+        default=None,
+        help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model compute dtype")
+    parser.add_argument("--dim", type=_positive_int, default=None, help="Matryoshka dimension (default: full size)")
+    parser.add_argument("--format", choices=FORMATS, default="float32", help="stored embedding dtype")
+    parser.add_argument("--overwrite", action="store_true", help="delete earlier output in --output and start over")
+    parser.add_argument(
+        "--fail-after-shards",
+        type=_positive_int,
+        default=None,
+        help=argparse.SUPPRESS,  # fault injection for tests: the driver kills itself after writing N shards
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job described by ``args``; prints the summary as JSON. Returns 0 (errors raise)."""
+    from vembed.batch.job import embed_corpus
+
+    summary = embed_corpus(
+        model_path=args.model,
+        input=args.input,
+        output=args.output,
+        modality=args.modality,
+        id_column=args.id_column,
+        source_column=args.source_column,
+        image_root=args.image_root,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        num_actors=args.num_actors,
+        min_actors=args.min_actors,
+        max_actors=args.max_actors,
+        num_gpus_per_actor=args.num_gpus_per_actor,
+        dtype=args.dtype,
+        dim=args.dim,
+        format=args.format,
+        overwrite=args.overwrite,
+        fail_after_shards=args.fail_after_shards,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m vembed.batch.cli`` and ``ray_jobs/embed.py``."""
+    parser = argparse.ArgumentParser(prog="vembed embed", description="Embed an image folder or manifest to Parquet")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""``embed_corpus``: embed a whole image folder or manifest into Parquet shards, resumably, exactly once.
+
+Design. The corpus (ids + sources only) is listed in a stable order and cut into fixed-size shards
+(:mod:`vembed.batch.shards`). Shards already in the output are skipped; the rest stream through one Ray Data
+pipeline (:mod:`vembed.batch.pipeline`: decode + preprocess in CPU tasks, model actors on an autoscaling actor
+pool). The driver iterates the pipeline's output, reassembles rows into their shards and writes each shard itself,
+atomically, the moment its last row arrives (:mod:`vembed.batch.writer`). Ray Data's ``write_parquet`` is not used
+because it names files by task, so a crash could leave a shard half-written under a name a rerun cannot recognise;
+writing per shard makes "the file exists" mean "the shard is done", which is what gives exactly-once output.
+
+Memory. Execution preserves block order, so rows reach the driver in corpus order and it holds at most the shard
+being filled plus Ray Data's bounded in-flight window, whatever the corpus size. The driver also keeps the id and
+source strings of the corpus (tens of bytes per item), which are needed to plan shards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vembed.batch.options import DTYPES, FORMATS, MODALITIES
+from vembed.batch.pipeline import ActorPool, build_dataset
+from vembed.batch.shards import Shard, ShardAssembler, plan_shards
+from vembed.batch.sources import Corpus, load_corpus
+from vembed.batch.writer import EMBEDDINGS_DIR, ERRORS_DIR, OutputStore, embeddings_table, errors_table
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+def embed_corpus(
+    model_path: str,
+    input: str,
+    output: str,
+    *,
+    modality: str = "image",
+    id_column: str | None = None,
+    source_column: str | None = None,
+    image_root: str | None = None,
+    batch_size: int = 64,
+    shard_size: int = 4096,
+    num_actors: int | None = None,
+    min_actors: int | None = None,
+    max_actors: int | None = None,
+    num_gpus_per_actor: float | None = None,
+    dtype: str = "float32",
+    dim: int | None = None,
+    format: str = "float32",
+    overwrite: bool = False,
+    fail_after_shards: int | None = None,
+) -> dict[str, Any]:
+    """Embed every item of ``input`` with the model at ``model_path`` into Parquet shards under ``output``.
+
+    Args:
+        model_path: vembed checkpoint or HF model directory (readable by the driver and every worker).
+        input: image folder or JSONL/CSV/Parquet manifest, local path or pyarrow URI (see :func:`load_corpus`).
+        output: output folder, local path or pyarrow URI (layout in :mod:`vembed.batch.writer`).
+        modality: ``"image"`` or ``"text"``.
+        id_column, source_column, image_root: how to read a manifest (see :func:`load_corpus`).
+        batch_size: rows per model call (and per decode task).
+        shard_size: rows per output shard; the unit of resume.
+        num_actors: a fixed pool of model actors; or ``min_actors``/``max_actors`` for an autoscaling one
+            (default: 1 up to one per GPU, or half the CPUs on a CPU-only cluster).
+        num_gpus_per_actor: GPUs each model actor holds (default: 1 when the cluster has GPUs, else 0).
+        dtype: model compute dtype; ``dim``: Matryoshka dimension (None: full size).
+        format: stored embedding dtype, ``"float32"`` or ``"float16"``.
+        overwrite: delete earlier output of this layout in ``output`` and start over. Without it, a rerun of the
+            same job resumes (completed shards are skipped) and a different job in ``output`` is refused.
+        fail_after_shards: fault injection for tests: the driver kills itself (SIGKILL) after writing this many
+            shards.
+
+    Returns:
+        A summary: ``items``, ``embedded``, ``errors``, ``shards``, ``shards_written``, ``shards_skipped``,
+        ``embedding_dim``, ``seconds``, ``rows_per_s`` (rows this run processed per second), ``output``.
+    """
+    _check_options(modality, batch_size, dtype, dim, format, num_actors, min_actors, max_actors)
+    started = time.time()
+    corpus = load_corpus(input, modality, id_column, source_column, image_root)  # type: ignore[arg-type]
+    shards = plan_shards(len(corpus), shard_size)
+    model = describe_model(model_path)
+    job = {
+        "input": corpus.origin,
+        "modality": modality,
+        "id_column": id_column,
+        "source_column": source_column,
+        "image_root": image_root,
+        "items": len(corpus),
+        "ids_sha256": _ids_digest(corpus),
+        "shard_size": shard_size,
+        "model_path": model["model_path"],
+        "vembed_json_sha256": model["vembed_json_sha256"],
+        "dtype": dtype,
+        "dim": dim,
+        "format": format,
+    }
+    store = OutputStore(output)
+    done = store.open(job, overwrite)
+    pending = [shard for shard in shards if shard.index not in done]
+    manifest = store.read_manifest() or {"version": MANIFEST_VERSION, "job": job, "model": model, "runs": []}
+    manifest["status"] = "running"
+    store.write_manifest(manifest)
+
+    rows = written = 0
+    if pending:
+        pool = resolve_actor_pool(num_actors, min_actors, max_actors, num_gpus_per_actor, _cluster_resources())
+        dataset = build_dataset(
+            _pending_items(corpus, pending), modality, model["model_path"], pool, batch_size, dtype, dim
+        )
+        # In-order output: the driver then holds at most one partly filled shard.
+        dataset.context.execution_options.preserve_order = True
+        assembler = ShardAssembler(pending, shard_size)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for shard, columns in assembler.add(batch):
+                store.write_shard(shard, *split_rows(columns, format))
+                rows, written = rows + len(shard), written + 1
+                if fail_after_shards is not None and written >= fail_after_shards:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        if assembler.remaining:
+            raise RuntimeError(f"the pipeline ended with {assembler.remaining} shards incomplete; rerun to finish")
+
+    seconds = time.time() - started
+    run = {
+        "started": _iso(started),
+        "finished": _iso(time.time()),
+        "seconds": round(seconds, 3),
+        "rows": rows,
+        "rows_per_s": round(rows / seconds, 2) if seconds > 0 else None,
+        "shards_written": written,
+        "shards_skipped": len(done),
+    }
+    counts = {
+        "items": len(corpus),
+        "embedded": store.count_rows(EMBEDDINGS_DIR),
+        "errors": store.count_rows(ERRORS_DIR),
+        "shards": len(shards),
+    }
+    embedding_dim = store.embedding_dim()
+    manifest.update(
+        status="complete",
+        counts=counts,
+        embedding_dim=embedding_dim,
+        normalize=bool(model["normalize"]) or dim is not None,
+        embeddings=EMBEDDINGS_DIR,
+        errors=ERRORS_DIR,
+        runs=manifest["runs"] + [run],
+    )
+    store.write_manifest(manifest)
+    summary = {**counts, **run, "embedding_dim": embedding_dim, "output": store.root.uri}
+    print(
+        f"vembed embed: {rows} rows in {seconds:.1f} s ({run['rows_per_s']} rows/s), {counts['errors']} errors in "
+        f"total, {written} shards written, {len(done)} already done -> {store.root.uri}",
+        flush=True,
+    )
+    return summary
+
+
+def split_rows(columns: dict[str, np.ndarray], fmt: str) -> tuple[pa.Table, pa.Table]:
+    """A shard's rows -> (embeddings table of the good rows, errors table of the bad ones)."""
+    bad = columns["error"] != ""
+    good = ~bad
+    embeddings = embeddings_table(columns["id"][good], columns["source"][good], columns["embedding"][good], fmt)
+    errors = errors_table(columns["id"][bad], columns["source"][bad], columns["error"][bad])
+    return embeddings, errors
+
+
+def describe_model(model_path: str) -> dict[str, Any]:
+    """What the manifest records about the model, read from its ``vembed.json`` without loading weights.
+
+    ``vembed_json_sha256`` is the digest ``VEmbedFactoryPredictor.model_info`` reports. A raw HF directory or hub id
+    has no ``vembed.json``: its digest is None and ``normalize`` is the default a model loaded from it gets.
+    """
+    from vembed.config import load_base_config
+    from vembed.model.checkpoint import SPEC_FILE, is_vembed_checkpoint, read_spec
+
+    path = Path(model_path).expanduser()
+    if not is_vembed_checkpoint(path):
+        located = str(path.resolve()) if path.exists() else model_path
+        return {"model_path": located, "vembed_json_sha256": None, "normalize": load_base_config().normalize}
+    spec = read_spec(path)
+    return {
+        "model_path": str(path.resolve()),
+        "vembed_json_sha256": hashlib.sha256((path / SPEC_FILE).read_bytes()).hexdigest(),
+        "family": spec.family,
+        "pooling": spec.pooling,
+        "normalize": spec.normalize,
+        "embedding_dim": spec.embedding_dim,
+        "mrl_dims": spec.mrl_dims,
+    }
+
+
+def resolve_actor_pool(
+    num_actors: int | None,
+    min_actors: int | None,
+    max_actors: int | None,
+    num_gpus_per_actor: float | None,
+    cluster: dict[str, float],
+) -> ActorPool:
+    """The model actor pool for a cluster with ``cluster`` resources (``{"CPU": n, "GPU": m}``).
+
+    Defaults: one GPU per actor where the cluster has GPUs, an autoscaling pool from 1 actor up to one per GPU; on a
+    CPU-only cluster up to half the CPUs (the other half decode).
+    """
+    gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
+    per_actor = num_gpus_per_actor if num_gpus_per_actor is not None else (1.0 if gpus > 0 else 0.0)
+    if per_actor > gpus:
+        logger.warning(
+            "each actor asks for %s GPUs but the cluster has %s now; actors wait for GPU nodes", per_actor, gpus
+        )
+    if num_actors is not None:
+        return ActorPool(num_actors, num_actors, per_actor)
+    capacity = int(gpus // per_actor) if per_actor > 0 else int(cpus // 2)
+    low = min_actors or 1
+    return ActorPool(low, max_actors or max(low, capacity), per_actor)
+
+
+def _check_options(
+    modality: str,
+    batch_size: int,
+    dtype: str,
+    dim: int | None,
+    fmt: str,
+    num_actors: int | None,
+    min_actors: int | None,
+    max_actors: int | None,
+) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality={modality!r} is not supported; use one of {MODALITIES}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {DTYPES}")
+    if dim is not None and (not isinstance(dim, int) or dim < 1):
+        raise ValueError(f"dim={dim!r} must be a positive integer (or None for the full size)")
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} is not supported; use one of {FORMATS}")
+    if num_actors is not None and (min_actors is not None or max_actors is not None):
+        raise ValueError("num_actors fixes the pool size; pass either num_actors or min_actors/max_actors")
+
+
+def _pending_items(corpus: Corpus, pending: list[Shard]) -> pa.Table:
+    """Rows of the pending shards with their corpus ``position``."""
+    parts = [
+        corpus.table.slice(shard.start, len(shard)).append_column(
+            "position", pa.array(np.arange(shard.start, shard.stop, dtype=np.int64))
+        )
+        for shard in pending
+    ]
+    return pa.concat_tables(parts).select(["position", "id", "source"]).combine_chunks()
+
+
+def _ids_digest(corpus: Corpus) -> str:
+    """Digest of the ordered ids: a rerun on a changed input (files added or removed) is refused, not mixed."""
+    digest = hashlib.sha256()
+    for chunk in corpus.table.column("id").chunks:
+        digest.update("".join(f"{item}\n" for item in chunk.to_pylist()).encode())
+    return digest.hexdigest()
+
+
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS (set by `ray job submit`) connects to the cluster; otherwise a local one starts
+    return ray.cluster_resources()
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,168 @@
+"""The Ray Data pipeline of a batch-embedding job: read + decode + preprocess in CPU tasks, embed in model actors.
+
+Rows carry ``position`` (their place in the corpus), ``id``, ``source`` and ``error`` through every stage. A row
+that cannot be embedded (missing or unreadable file, non-image bytes, empty text) keeps flowing with its ``error``
+set, so the driver still sees every row of a shard and knows when the shard is complete; the model skips such rows.
+
+Images are read and decoded with :mod:`vembed.data.images` and resized/normalised by the model's
+:class:`~vembed.data.processing.Preprocessor` in CPU tasks, then :class:`Embedder` actors (one model each, on an
+autoscaling ``ActorPoolStrategy``, a GPU each where the cluster has them) call the Predictor's
+``encode_pixel_values``: the vectors are the Predictor's own maths. Texts need no decode stage: the actors call
+``encode_text`` (tokenising is microseconds per text, and it keeps the Predictor's exact truncation length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from vembed.data.images import decode_image, read_bytes
+
+if TYPE_CHECKING:
+    from vembed.data.processing import Preprocessor
+
+# CPU reservation of one decode task. It must differ from the model actors' reservation, or Ray Data fuses the
+# two stages into the actors (ray-project/ray#54433) and decoding stops overlapping inference; half a CPU also
+# suits a stage that partly waits on storage.
+DECODE_TASK_CPUS = 0.5
+ACTOR_CPUS = 1.0
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """How many model actors run, and the GPUs each one holds (0 = CPU inference)."""
+
+    min_size: int
+    max_size: int
+    num_gpus: float
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_size <= self.max_size:
+            raise ValueError(f"actor pool needs 1 <= min_actors <= max_actors, got {self.min_size}, {self.max_size}")
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus_per_actor must be >= 0, got {self.num_gpus}")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def decode_and_preprocess(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> dict[str, np.ndarray]:
+    """CPU task: image sources -> ``pixel_values`` float32 ``[N, 3, H, W]``, with ``error`` set for bad rows.
+
+    A bad row's pixels are zeros (the model never sees them: :class:`Embedder` skips rows with an error).
+    """
+    sources = batch["source"]
+    errors = np.full(len(sources), "", dtype=object)
+    images: list[Any] = []
+    good: list[int] = []
+    for i, source in enumerate(sources):
+        if source is None or source == "":
+            errors[i] = "missing image path"
+            continue
+        try:
+            images.append(decode_image(read_bytes(source), source))
+        except (OSError, ValueError) as exc:  # FileNotFoundError, storage errors, BadImageError
+            errors[i] = _describe(exc)
+            continue
+        good.append(i)
+    pixels = preprocessor.process_images(images) if images else None
+    shape = pixels.shape[1:] if pixels is not None else _pixel_shape(preprocessor)
+    pixel_values = np.zeros((len(sources), *shape), dtype=np.float32)
+    if pixels is not None:
+        pixel_values[good] = pixels
+    return {**_carried(batch), "error": errors, "pixel_values": pixel_values}
+
+
+def _pixel_shape(preprocessor: Preprocessor) -> tuple[int, ...]:
+    """The ``[3, H, W]`` shape this preprocessor produces (for a batch in which every image was bad)."""
+    from PIL import Image
+
+    return preprocessor.process_images([Image.new("RGB", (8, 8))]).shape[1:]
+
+
+def check_texts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mark empty (or whitespace-only) texts as errors; they are recorded, never embedded."""
+    texts = batch["source"]
+    errors = np.array(["empty text" if not isinstance(t, str) or not t.strip() else "" for t in texts], dtype=object)
+    return {**_carried(batch), "error": errors}
+
+
+def _carried(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: batch[key] for key in ("position", "id", "source")}
+
+
+class Embedder:
+    """Ray Data actor: one Predictor; rows without an error -> ``embedding`` float32 ``[N, D]``.
+
+    Rows with an error get a zero vector that the driver drops (it writes them to the errors file instead).
+    """
+
+    def __init__(self, model_path: str, modality: str, dtype: str, dim: int | None, use_gpu: bool) -> None:
+        from vembed.inference import VEmbedFactoryPredictor
+
+        self.modality = modality
+        self.dim = dim
+        self.predictor = VEmbedFactoryPredictor(model_path, device="cuda" if use_gpu else "cpu", dtype=dtype)
+        self.out_dim = dim or self.predictor.embedding_dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        good = np.flatnonzero(batch["error"] == "")
+        vectors = np.zeros((len(batch["id"]), self.out_dim), dtype=np.float32)
+        if len(good):
+            if self.modality == "image":
+                vectors[good] = self.predictor.encode_pixel_values(batch["pixel_values"][good], dimension=self.dim)
+            else:
+                texts = [str(t) for t in batch["source"][good]]
+                vectors[good] = self.predictor.encode_text(texts, batch_size=len(texts), dimension=self.dim)
+        return {**_carried(batch), "error": batch["error"], "embedding": vectors}
+
+
+def build_dataset(
+    items: pa.Table,
+    modality: str,
+    model_path: str,
+    pool: ActorPool,
+    batch_size: int,
+    dtype: str,
+    dim: int | None,
+) -> Any:
+    """The streaming dataset of embedded rows for ``items`` (columns ``position``, ``id``, ``source``)."""
+    import ray
+
+    # One input block per model batch, so decode tasks spread over the cluster from the first row.
+    blocks = [items.slice(start, batch_size) for start in range(0, items.num_rows, batch_size)]
+    dataset = ray.data.from_arrow(blocks)
+    if modality == "image":
+        from vembed.data.processing import Preprocessor
+
+        preprocessor = Preprocessor.from_pretrained(model_path)
+        dataset = dataset.map_batches(
+            decode_and_preprocess,
+            fn_kwargs={"preprocessor": preprocessor},
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=DECODE_TASK_CPUS,
+        )
+    else:
+        dataset = dataset.map_batches(
+            check_texts, batch_size=batch_size, batch_format="numpy", num_cpus=DECODE_TASK_CPUS
+        )
+    return dataset.map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "modality": modality,
+            "dtype": dtype,
+            "dim": dim,
+            "use_gpu": pool.num_gpus > 0,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=ACTOR_CPUS,
+        num_gpus=pool.num_gpus,
+    )

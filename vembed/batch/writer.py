@@ -1,0 +1,198 @@
+"""The output of a batch-embedding job: Parquet shards, error sidecars and ``_manifest.json``.
+
+Layout (``DST`` is a local folder or any pyarrow-filesystem URI)::
+
+    DST/_manifest.json               model, vembed.json hash, dim, normalisation, counts, runs, status
+    DST/embeddings/part-00000.parquet  id, source, embedding (fixed-size list of float32 or float16)
+    DST/errors/part-00000.parquet      id, source, error   (only for shards that had bad records)
+
+Every file is written to a hidden temporary name and then moved into place, so a name that exists is complete.
+A shard's errors file is written before its embeddings file, and the embeddings file (written even when it has no
+rows) marks the shard done: a crash between the two only means the errors file is rewritten, identically, on rerun.
+pyarrow and Ray Data skip hidden (``.``) files, so ``pq.read_table("DST/embeddings")`` reads finished shards only.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vembed.batch.shards import Shard
+from vembed.batch.sources import Location, locate
+
+MANIFEST_NAME = "_manifest.json"
+EMBEDDINGS_DIR = "embeddings"
+ERRORS_DIR = "errors"
+NUMPY_FORMATS: dict[str, Any] = {"float32": np.float32, "float16": np.float16}
+ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string())])
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder holds results of a different job; the message says how to proceed."""
+
+
+def embeddings_table(ids: np.ndarray, sources: np.ndarray, vectors: np.ndarray, fmt: str) -> pa.Table:
+    """``id``, ``source`` and ``embedding`` as a fixed-size list of ``fmt`` (``float32`` or ``float16``)."""
+    if fmt not in NUMPY_FORMATS:
+        raise ValueError(f"format={fmt!r} is not supported; use one of {sorted(NUMPY_FORMATS)}")
+    vectors = np.ascontiguousarray(vectors, dtype=NUMPY_FORMATS[fmt])
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be [N, D], got shape {vectors.shape}")
+    flat = pa.array(vectors.reshape(-1))
+    embedding = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+    return pa.table(
+        {"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string()), "embedding": embedding}
+    )
+
+
+def errors_table(ids: np.ndarray, sources: np.ndarray, messages: np.ndarray) -> pa.Table:
+    return pa.table(
+        {"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string()), "error": pa.array(messages)},
+        schema=ERRORS_SCHEMA,
+    )
+
+
+class OutputStore:
+    """Reads and writes one job's output folder (see the module docstring for the layout)."""
+
+    def __init__(self, output: str) -> None:
+        self.root: Location = locate(output)
+        self.fs = self.root.filesystem
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root.path, *parts)
+
+    # ---- job lifecycle ----
+    def open(self, job: dict[str, Any], overwrite: bool) -> set[int]:
+        """Prepare the folder for ``job`` and return the indexes of shards already complete.
+
+        A folder holding a different job (any differing key of ``job``) is refused unless ``overwrite``, which
+        deletes this layout's files (nothing else in the folder).
+        """
+        if overwrite:
+            self._delete_outputs()
+        previous = self.read_manifest()
+        if previous is None and self._has_outputs():
+            raise OutputExistsError(
+                f"{self.root.uri} holds shards but no {MANIFEST_NAME}; pass --overwrite to start over or pick another "
+                "output folder"
+            )
+        if previous is not None and previous.get("job") != job:
+            differs = sorted(k for k in set(job) | set(previous.get("job", {})) if previous["job"].get(k) != job.get(k))
+            raise OutputExistsError(
+                f"{self.root.uri} holds the output of a different job (differs in: {', '.join(differs)}); pass "
+                "--overwrite to start over or pick another output folder"
+            )
+        for folder in (EMBEDDINGS_DIR, ERRORS_DIR):
+            self.fs.create_dir(self._path(folder), recursive=True)
+        self._delete_temporaries()
+        return self.completed_shards()
+
+    def completed_shards(self) -> set[int]:
+        """Indexes of shards whose embeddings file exists (and so is complete)."""
+        names = [posixpath.basename(path) for path in self.part_paths(EMBEDDINGS_DIR)]
+        return {int(name[len("part-") : -len(".parquet")]) for name in names}
+
+    def write_shard(self, shard: Shard, embeddings: pa.Table, errors: pa.Table) -> None:
+        """Write one shard: errors first (if any), then the embeddings file that marks it complete."""
+        if errors.num_rows:
+            self._write_parquet(errors, ERRORS_DIR, f"{shard.name}.parquet")
+        self._write_parquet(embeddings, EMBEDDINGS_DIR, f"{shard.name}.parquet")
+
+    def part_paths(self, folder: str) -> list[str]:
+        """Finished part files in ``folder`` (``EMBEDDINGS_DIR`` or ``ERRORS_DIR``), in shard order."""
+        return sorted(self._path(folder, name) for name in self._list(folder) if _is_part(name))
+
+    def count_rows(self, folder: str) -> int:
+        """Rows over every finished part file in ``folder`` (read from Parquet footers, not data)."""
+        return sum(pq.read_metadata(path, filesystem=self.fs).num_rows for path in self.part_paths(folder))
+
+    def embedding_dim(self) -> int | None:
+        """The vector size stored in the embeddings files (None before any shard is written)."""
+        paths = self.part_paths(EMBEDDINGS_DIR)
+        if not paths:
+            return None
+        return pq.read_schema(paths[0], filesystem=self.fs).field("embedding").type.list_size
+
+    # ---- manifest ----
+    def read_manifest(self) -> dict[str, Any] | None:
+        path = self._path(MANIFEST_NAME)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as stream:
+            return json.loads(stream.read().decode())
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self._atomic_write(MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False).encode())
+
+    # ---- internals ----
+    def _write_parquet(self, table: pa.Table, folder: str, name: str) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self._atomic_write(posixpath.join(folder, name), sink.getvalue().to_pybytes())
+
+    def _atomic_write(self, relative: str, data: bytes) -> None:
+        final = self._path(relative)
+        temp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.tmp-{uuid.uuid4().hex}")
+        with self.fs.open_output_stream(temp) as stream:
+            stream.write(data)
+        self.fs.move(temp, final)
+
+    def _list(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(self._path(folder), allow_not_found=True)
+        return [posixpath.basename(info.path) for info in self.fs.get_file_info(selector)]
+
+    def _has_outputs(self) -> bool:
+        return any(_is_part(name) for folder in (EMBEDDINGS_DIR, ERRORS_DIR) for name in self._list(folder))
+
+    def _delete_outputs(self) -> None:
+        for folder in (EMBEDDINGS_DIR, ERRORS_DIR):
+            if self.fs.get_file_info(self._path(folder)).type == pafs.FileType.Directory:
+                self.fs.delete_dir(self._path(folder))
+        if self.fs.get_file_info(self._path(MANIFEST_NAME)).type == pafs.FileType.File:
+            self.fs.delete_file(self._path(MANIFEST_NAME))
+
+    def _delete_temporaries(self) -> None:
+        for folder in ("", EMBEDDINGS_DIR, ERRORS_DIR):
+            for name in self._list(folder):
+                if name.startswith(".") and ".tmp-" in name:
+                    self.fs.delete_file(self._path(folder, name))
+
+
+def _is_part(name: str) -> bool:
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def read_manifest(output: str) -> dict[str, Any]:
+    """The ``_manifest.json`` of a batch-embedding output folder (for Serve, evaluation and users)."""
+    manifest = OutputStore(output).read_manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{output} has no {MANIFEST_NAME}; is it the output folder of `vembed embed`?")
+    return manifest
+
+
+def read_embeddings(output: str) -> pa.Table:
+    """Every finished shard's ``id``, ``source`` and ``embedding`` rows, in shard order."""
+    return _read_parts(output, EMBEDDINGS_DIR, schema=None)
+
+
+def read_errors(output: str) -> pa.Table:
+    """Every recorded bad input (``id``, ``source``, ``error``); empty when there were none."""
+    return _read_parts(output, ERRORS_DIR, schema=ERRORS_SCHEMA)
+
+
+def _read_parts(output: str, folder: str, schema: pa.Schema | None) -> pa.Table:
+    store = OutputStore(output)
+    tables = [pq.read_table(path, filesystem=store.fs) for path in store.part_paths(folder)]
+    if not tables:
+        if schema is None:
+            raise FileNotFoundError(f"{output} has no finished {folder} shards")
+        return schema.empty_table()
+    return pa.concat_tables(tables)
