@@ -13,8 +13,9 @@ Stages (each streams; nothing holds the data set in one process)::
 
 In each Train worker, :func:`iter_train_batches` turns ``ray.train.get_dataset_shard("train")`` into equal-sized
 torch batches in the model's layout (``drop_last=True``), trims the text padding back to the batch's longest text
-(:func:`collate_train_batch`) and reshuffles per epoch with a local buffer seeded by ``seed + epoch``. For a
-reproducible order, give the trainer ``DataConfig(execution_options=ExecutionOptions(preserve_order=True))``.
+(:func:`collate_train_batch`) and reshuffles per epoch with a local buffer seeded by ``seed + epoch``. Ray Train
+replaces a dataset's execution options with its own, so pass ``DataConfig(execution_options=train_ingest_options())``
+to keep the order reproducible (same seed, same batches) under Train too.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def build_train_dataset(
     ds = read_record_dataset(path, cfg)
     if cfg.shuffle:
         ds = ds.random_shuffle(seed=shuffle_seed(cfg))
-    return ds.map_batches(
+    ds = ds.map_batches(
         PreprocessRecords,
         fn_constructor_kwargs={
             "preprocessor": preprocessor,
@@ -207,6 +208,23 @@ def build_train_dataset(
         batch_size=PREPROCESS_BATCH_ROWS,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1),
+    )
+    ds.context.execution_options.preserve_order = True  # reproducible when iterated directly
+    return ds
+
+
+def train_ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Data options for Train ingest: the driver's defaults (as Train's own) plus ``preserve_order=True``.
+
+    Pass them as ``ray.train.DataConfig(execution_options=train_ingest_options())``: with the seeded shuffles of
+    this module, every run with the same seed, data and worker count then sees the same batches on every rank.
+    """
+    current = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(
+        resource_limits=current.resource_limits,
+        exclude_resources=current.exclude_resources,
+        preserve_order=True,
+        verbose_progress=current.verbose_progress,
     )
 
 
