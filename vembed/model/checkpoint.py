@@ -1,0 +1,192 @@
+"""User checkpoints: save and load an :class:`~vembed.model.EmbeddingModel` as plain Hugging Face directories.
+
+Layout of a saved model directory::
+
+    vembed.json                  family, pooling, heads, normalisation, MRL dims, projection dim, format version
+    heads.safetensors            projection heads ("text.weight", "image.weight"), only when the model has heads
+    config.json, model.safetensors, tokenizer / image-processor files
+                                 single-backbone families (dual, text, image): the backbone at the root, so
+                                 ``transformers.AutoModel.from_pretrained(dir)`` loads it as is
+    text_encoder/, image_encoder/
+                                 composed family: one Hugging Face directory per backbone, each with its processor
+    [<backbone dir>/]lora_adapter/
+                                 LoRA saved as an adapter (``merge_lora=False``): PEFT adapter files beside the
+                                 unmerged base weights; the default merges LoRA into the weights instead
+
+Loading reads safetensors only (``use_safetensors=True``; nothing is unpickled) and never enables remote code on
+its own. The live model is not modified by saving (LoRA merging works on a CPU copy of the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import vembed
+from vembed.data.processing import load_image_processor, load_tokenizer
+from vembed.model.families import EncoderFamily, get_family
+from vembed.model.heads import build_heads
+from vembed.model.hf import unwrap
+from vembed.model.lora import is_lora, load_adapter, plain_state_dict
+
+if TYPE_CHECKING:
+    from vembed.model.embedding_model import EmbeddingModel
+
+FORMAT_VERSION = 1
+SPEC_FILE = "vembed.json"
+HEADS_FILE = "heads.safetensors"
+ADAPTER_DIR = "lora_adapter"
+
+
+@dataclass
+class ModelSpec:
+    """Everything ``vembed.json`` records about a saved model (besides the backbone weights themselves)."""
+
+    family: str
+    pooling_method: str  # as configured ("auto" or a method)
+    pooling: dict[str, str]  # resolved per modality
+    projection_dim: int | None
+    normalize: bool
+    mrl_dims: list[int]
+    embedding_dim: int
+    heads: dict[str, dict[str, int]] = field(default_factory=dict)  # modality -> {"in": ..., "out": ...}
+    lora: dict[str, str] = field(default_factory=dict)  # backbone attribute -> adapter dir (adapter saves only)
+    family_info: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    vembed_version: str = vembed.__version__
+
+
+def is_vembed_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a directory written by :func:`save_model`."""
+    return (Path(path) / SPEC_FILE).is_file()
+
+
+def read_spec(directory: str | Path) -> ModelSpec:
+    """Parse ``vembed.json``.
+
+    Raises:
+        ValueError: a newer format version, an unknown family (the known ones are listed) or missing fields.
+    """
+    path = Path(directory) / SPEC_FILE
+    raw = json.loads(path.read_text())
+    version = raw.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {version!r} is not supported by this vembed (reads <= {FORMAT_VERSION}); "
+            "upgrade vembed"
+        )
+    get_family(raw.get("family", "<missing>"))
+    known = set(ModelSpec.__dataclass_fields__)
+    try:
+        return ModelSpec(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as exc:
+        raise ValueError(f"{path} is incomplete: {exc}") from exc
+
+
+def _save_processors(source: str, target: Path, modalities: tuple[str, ...]) -> None:
+    """Copy the tokenizer / image processor of ``source`` into ``target`` (what a modality needs)."""
+    if "text" in modalities:
+        tokenizer = load_tokenizer(source)
+        if tokenizer is None:
+            raise FileNotFoundError(f"no tokenizer at {source}; a saved model must carry one to encode text")
+        tokenizer.save_pretrained(str(target))
+    if "image" in modalities:
+        image_processor = load_image_processor(source)
+        if image_processor is None:
+            raise FileNotFoundError(f"no image processor at {source}; a saved model must carry one to encode images")
+        image_processor.save_pretrained(str(target))
+
+
+def _backbone_modalities(family: EncoderFamily, attr: str) -> tuple[str, ...]:
+    if family.name == "composed":
+        return ("text",) if attr == "text_encoder" else ("image",)
+    return family.modalities
+
+
+def _restore_shapes(state: dict[str, torch.Tensor], shapes: Mapping[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Give parameters that vembed reshaped for FSDP2 (CLIP's 0-dim ``logit_scale``) their HF shape back."""
+    for name, shape in shapes.items():
+        if name in state:
+            state[name] = state[name].reshape(shape)
+    return state
+
+
+def save_model(model: EmbeddingModel, directory: str | Path, merge_lora: bool = True) -> Path:
+    """Write ``model`` to ``directory`` in the layout above and return the directory.
+
+    Args:
+        model: the (unsharded) model to save; it is not modified.
+        directory: created if missing; vembed's own files in it are replaced.
+        merge_lora: merge LoRA adapters into the backbone weights (default), or save them as PEFT adapters.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    family = model.encoder
+    reshaped = family.describe().get("reshaped_parameters", {})
+    adapters: dict[str, str] = {}
+    for attr, backbone in family.backbones().items():
+        target = directory / family.backbone_dirs[attr]
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target / ADAPTER_DIR, ignore_errors=True)
+        _save_processors(family.sources[attr], target, _backbone_modalities(family, attr))
+        state = _restore_shapes(plain_state_dict(backbone, merge=merge_lora), reshaped)
+        unwrap(backbone).save_pretrained(str(target), state_dict=state)
+        if is_lora(backbone) and not merge_lora:
+            backbone.save_pretrained(str(target / ADAPTER_DIR))
+            adapters[attr] = str(Path(family.backbone_dirs[attr]) / ADAPTER_DIR)
+    heads_path = directory / HEADS_FILE
+    heads_path.unlink(missing_ok=True)
+    if len(model.heads):
+        tensors = {f"{m}.weight": h.weight.detach().cpu().contiguous() for m, h in model.heads.items()}
+        save_file(tensors, str(heads_path), metadata={"format": "pt"})
+    spec = model.spec()
+    spec.lora = adapters
+    (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return directory
+
+
+def load_family(
+    directory: str | Path, spec: ModelSpec, pooling: Mapping[str, str], dtype: str, trust_remote_code: bool
+) -> EncoderFamily:
+    """The encoder family of a saved model, LoRA adapters re-attached when they were saved unmerged."""
+    directory = Path(directory)
+    family_cls = get_family(spec.family)
+    sources = {attr: str(directory / sub) for attr, sub in family_cls.backbone_dirs.items()}
+    family = family_cls.load(sources, pooling=pooling, dtype=dtype, trust_remote_code=trust_remote_code)
+    for attr, adapter_dir in spec.lora.items():
+        family.set_backbone(attr, load_adapter(family.backbones()[attr], str(directory / adapter_dir)))
+    return family
+
+
+def load_heads(directory: str | Path, spec: ModelSpec, dtype: torch.dtype) -> nn.ModuleDict:
+    """The projection heads recorded in ``spec`` with their saved weights (empty when the model has none).
+
+    Raises:
+        FileNotFoundError: ``vembed.json`` lists heads but ``heads.safetensors`` is missing.
+        ValueError: a saved head's shape differs from ``vembed.json``.
+    """
+    if not spec.heads:
+        return nn.ModuleDict()
+    path = Path(directory) / HEADS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing but {Path(directory) / SPEC_FILE} lists heads {sorted(spec.heads)}")
+    tensors = load_file(str(path))
+    heads = build_heads({m: shape["in"] for m, shape in spec.heads.items()}, spec.projection_dim, dtype=dtype)
+    for modality, head in heads.items():
+        weight = tensors.get(f"{modality}.weight")
+        if weight is None or tuple(weight.shape) != tuple(head.weight.shape):
+            raise ValueError(
+                f"{path}: head {modality!r} has shape {None if weight is None else tuple(weight.shape)}, "
+                f"expected {tuple(head.weight.shape)}"
+            )
+        with torch.no_grad():
+            head.weight.copy_(weight.to(head.weight.dtype))
+    return heads
