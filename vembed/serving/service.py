@@ -1,0 +1,138 @@
+"""One replica's embedding service: the Predictor behind two ``@serve.batch`` queues (texts, images).
+
+Every request is split into its items and each item enters its modality's queue, so ``max_batch_size`` counts
+items, a large request spreads over several forward passes and small concurrent requests share one. A batch
+runs the Predictor's own ``encode_text`` / ``encode_image`` (grouped by requested ``dimensions``) in a worker
+thread, so the event loop keeps accepting, decoding and queueing the next batch meanwhile. Vectors are therefore
+the Predictor's vectors: the same ones batch embedding writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Sequence
+from typing import Any, Optional, TypeVar
+
+import numpy as np
+from PIL import Image
+from ray import serve
+
+from vembed.inference import VEmbedFactoryPredictor
+from vembed.serving.errors import APIError
+from vembed.serving.settings import ServeArgs
+
+T = TypeVar("T")
+
+
+class EmbeddingService:
+    """Predictor + batch queues + the checks that need the model (dimensions, token window)."""
+
+    def __init__(self, args: ServeArgs) -> None:
+        self.args = args
+        self.predictor = VEmbedFactoryPredictor(args.model, device=args.device, dtype=args.dtype)
+        self.model_name = args.served_model_name
+        self.created = int(time.time())
+        for batch_fn in (self._text_batch, self._image_batch):
+            batch_fn.set_max_batch_size(args.max_batch_size)
+            batch_fn.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    # ---- model facts ----
+    @property
+    def embedding_dim(self) -> int:
+        return self.predictor.embedding_dim
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return self.predictor.model_info
+
+    def output_dim(self, dimensions: Optional[int]) -> int:
+        """Width of the vectors a request with ``dimensions`` gets."""
+        return dimensions or self.embedding_dim
+
+    def check_dimensions(self, dimensions: Optional[int]) -> Optional[int]:
+        """``dimensions`` must fit the model (1..full size); 400 naming the valid range otherwise."""
+        if dimensions is None:
+            return None
+        full = self.predictor.model_info["full_dim"]
+        if not 1 <= dimensions <= full:
+            raise APIError(
+                400, f"dimensions={dimensions} must be between 1 and {full}", param="dimensions", code="invalid_value"
+            )
+        return dimensions
+
+    def check_modalities(self, texts: bool, images: bool, param: str) -> None:
+        """400 when a request sends a modality this model has no tokenizer / image processor for."""
+        pre = self.predictor.preprocessor
+        if texts and not pre.has_text:
+            raise APIError(
+                400, f"{param}: model {self.model_name!r} embeds images only", param=param, code="unsupported_input"
+            )
+        if images and not pre.has_image:
+            raise APIError(
+                400, f"{param}: model {self.model_name!r} embeds texts only", param=param, code="unsupported_input"
+            )
+
+    def count_tokens(self, texts: Sequence[str], param: str, offsets: Optional[Sequence[int]] = None) -> int:
+        """Tokens the model will read (after truncation); with ``text_overflow="reject"`` a longer text is a 413."""
+        self.check_modalities(texts=bool(texts), images=False, param=param)
+        pre = self.predictor.preprocessor
+        window = pre.max_text_length
+        lengths = [len(ids) for ids in pre.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+        if self.args.text_overflow == "reject":
+            for i, length in enumerate(lengths):
+                if length > window:
+                    where = f"{param}[{offsets[i] if offsets is not None else i}]"
+                    raise APIError(
+                        413,
+                        f"{where} has {length} tokens; the model reads at most {window} (text_overflow=reject)",
+                        param=where,
+                        code="text_too_long",
+                    )
+        return int(sum(min(length, window) for length in lengths))
+
+    # ---- encoding (batched) ----
+    async def embed_texts(self, texts: Sequence[str], dimensions: Optional[int] = None) -> np.ndarray:
+        """``(N, D)`` float32 for ``texts``, each text batched with other requests' texts."""
+        rows = await self._within_timeout(asyncio.gather(*(self._text_batch((t, dimensions)) for t in texts)))
+        return np.stack(rows)
+
+    async def embed_images(self, images: Sequence[Image.Image], dimensions: Optional[int] = None) -> np.ndarray:
+        """``(N, D)`` float32 for decoded ``images``, each image batched with other requests' images."""
+        rows = await self._within_timeout(asyncio.gather(*(self._image_batch((im, dimensions)) for im in images)))
+        return np.stack(rows)
+
+    async def similarity(self, **kwargs: Any) -> np.ndarray:
+        """The Predictor's own ``similarity`` (not batched across requests), in a worker thread."""
+        return await self._within_timeout(asyncio.to_thread(self.predictor.similarity, **kwargs))
+
+    async def _within_timeout(self, work: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(work, timeout=self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(
+                504, f"request took longer than {self.args.request_timeout_s} s (request_timeout_s)", code="timeout"
+            ) from None
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _text_batch(self, items: list[tuple[str, Optional[int]]]) -> list[np.ndarray]:
+        return await self._run_grouped(items, self.predictor.encode_text)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _image_batch(self, items: list[tuple[Image.Image, Optional[int]]]) -> list[np.ndarray]:
+        return await self._run_grouped(items, self.predictor.encode_image)
+
+    @staticmethod
+    async def _run_grouped(items: list[tuple[Any, Optional[int]]], encode: Any) -> list[np.ndarray]:
+        """One Predictor call per distinct ``dimensions`` in the batch; rows back in arrival order."""
+        groups: dict[Optional[int], list[int]] = defaultdict(list)
+        for i, (_, dim) in enumerate(items):
+            groups[dim].append(i)
+        out: list[Optional[np.ndarray]] = [None] * len(items)
+        for dim, idx in groups.items():
+            inputs = [items[i][0] for i in idx]
+            vectors = await asyncio.to_thread(encode, inputs, batch_size=len(inputs), dimension=dim)
+            for row, i in zip(vectors, idx, strict=True):
+                out[i] = row
+        return out  # type: ignore[return-value]
