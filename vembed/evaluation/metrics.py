@@ -171,9 +171,10 @@ def relevant_ranks(
         width = max(int(counts.max()), 1)
         rows = torch.repeat_interleave(torch.arange(q1 - q0), counts)
         slot = torch.arange(len(idx)) - ptr[rows]
-        # Per row: relevant scores ascending, equal scores with the higher index first, padding (+inf) last.
-        rel_s = torch.full((q1 - q0, width), float("inf"), device=device)
-        rel_i = torch.full((q1 - q0, width), nc, dtype=torch.long, device=device)
+        # Per row: relevant scores ascending, equal scores with the higher index first, then +inf padding and
+        # one +inf sentinel column, so that searchsorted below never points past the last column.
+        rel_s = torch.full((q1 - q0, width + 1), float("inf"), device=device)
+        rel_i = torch.full((q1 - q0, width + 1), nc, dtype=torch.long, device=device)
         rows_d, slot_d, idx_d = rows.to(device), slot.to(device), idx.to(device)
         rel_s[rows_d, slot_d] = scorer.pairs(rows_d + q0, idx_d)
         rel_i[rows_d, slot_d] = idx_d
@@ -185,14 +186,14 @@ def relevant_ranks(
         by_cand = torch.argsort(idx_d)
         pair_rows, pair_cands = rows_d[by_cand], idx_d[by_cand]
         bucket = torch.zeros(q1 - q0, width + 1, dtype=torch.long, device=device)  # b: above the b lowest relevant
-        tie_ahead = torch.zeros(q1 - q0, width, dtype=torch.long, device=device)
+        tie_ahead = torch.zeros(q1 - q0, width + 1, dtype=torch.long, device=device)
         for c0, scores in iter_blocks(scorer, q0, q1, chunk_size, exclude_self):
             lo, hi = torch.searchsorted(pair_cands, torch.tensor([c0, c0 + scores.shape[1]], device=device)).tolist()
             scores[pair_rows[lo:hi], pair_cands[lo:hi] - c0] = float("-inf")  # relevant items are ranked apart
             below = torch.searchsorted(rel_s, scores)  # how many relevant scores are strictly lower
             bucket.scatter_add_(1, below, torch.ones((), dtype=torch.long, device=device).expand_as(below))
             _count_ties(scores, below, rel_s, rel_i, c0, tie_ahead)
-        nonrel_ahead = bucket.flip(1).cumsum(1).flip(1)[:, 1:] + tie_ahead
+        nonrel_ahead = bucket.flip(1).cumsum(1).flip(1)[:, 1:] + tie_ahead[:, :width]
         rel_ahead = counts.to(device)[:, None] - 1 - torch.arange(width, device=device)
         ranks = 1 + rel_ahead + nonrel_ahead
         ranks = torch.where(torch.arange(width, device=device) < counts.to(device)[:, None], ranks, nc + 1)
@@ -201,13 +202,10 @@ def relevant_ranks(
 
 def _count_ties(scores: Tensor, below: Tensor, rel_s: Tensor, rel_i: Tensor, c0: int, tie_ahead: Tensor) -> None:
     """For block entries equal to relevant scores, add one to each such relevant item with a higher index."""
-    width = rel_s.shape[1]
-    row, col = (rel_s.gather(1, below.clamp(max=width - 1)) == scores).nonzero(as_tuple=True)
+    row, col = (rel_s.gather(1, below) == scores).nonzero(as_tuple=True)
     slot = below[row, col]
     one = torch.ones((), dtype=tie_ahead.dtype, device=tie_ahead.device)
-    while len(row):  # walk each run of equal relevant scores (almost always of length 1)
-        inside = slot < width
-        row, col, slot = row[inside], col[inside], slot[inside]
+    while len(row):  # walk each run of equal relevant scores (almost always of length 1); +inf sentinel ends it
         equal = rel_s[row, slot] == scores[row, col]
         row, col, slot = row[equal], col[equal], slot[equal]
         ahead = col + c0 < rel_i[row, slot]

@@ -122,9 +122,9 @@ class DotScorer:
         out = torch.empty(len(query_idx), device=self.device)
         step = max(1, _PAIR_BUDGET // self.queries.shape[1])
         for s in range(0, len(query_idx), step):
-            qv = self.queries[query_idx[s : s + step]]
-            cv = self.candidates[cand_idx[s : s + step].to(self.candidates.device)].to(self.device)
-            out[s : s + step] = (qv * cv).sum(-1)
+            qv = self.queries.index_select(0, query_idx[s : s + step])
+            cv = self.candidates.index_select(0, cand_idx[s : s + step].to(self.candidates.device)).to(self.device)
+            out[s : s + step] = torch.einsum("pd,pd->p", qv, cv)
         return out
 
 
