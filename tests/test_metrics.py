@@ -198,6 +198,17 @@ def test_metrics_per_dim_truncates_and_renormalises() -> None:
     assert got[4] != got[16]  # truncation changes the ranking on this data
 
 
+def test_index_arrays_as_relevance() -> None:
+    rng = np.random.default_rng(5)
+    queries, cands = rng.standard_normal((8, 4)), rng.standard_normal((8, 4))
+    paired = retrieval_metrics(queries, cands, np.arange(8))
+    assert paired == retrieval_metrics(queries, cands, [[i] for i in range(8)])
+    two_each = np.stack([np.arange(8), (np.arange(8) + 3) % 8], axis=1)
+    assert retrieval_metrics(queries, cands, torch.from_numpy(two_each)) == retrieval_metrics(
+        queries, cands, two_each.tolist()
+    )
+
+
 def test_prebuilt_relevance_is_reused() -> None:
     x = torch.randn(6, 3)
     labels = [0, 1, 0, 1, 0, 1]

@@ -48,10 +48,15 @@ class ListRelevance:
     """Relevance from explicit lists: ``relevant[q]`` names query q's relevant candidates.
 
     Entries are candidate indices, or ids looked up in ``cand_ids`` when given. Duplicates collapse (relevance
-    is a set); an empty list is allowed (the query is then counted as having no relevant candidate).
+    is a set); an empty list is allowed (the query is then counted as having no relevant candidate). An array
+    ``[Q, R]`` gives R relevant candidates per query; a 1-D array ``[Q]`` gives one (paired data).
     """
 
-    def __init__(self, relevant: Sequence[Iterable[Id]], num_candidates: int, cand_ids: Sequence[Id] | None = None):
+    def __init__(
+        self, relevant: Sequence[Iterable[Id]] | ArrayLike, num_candidates: int, cand_ids: Sequence[Id] | None = None
+    ):
+        if isinstance(relevant, (Tensor, np.ndarray)):  # [Q, R] array, or [Q]: one relevant candidate per query
+            relevant = relevant.tolist() if relevant.ndim != 1 else [[x] for x in relevant.tolist()]
         if isinstance(relevant, (str, bytes)) or not isinstance(relevant, Sequence):
             raise ValueError(
                 f"relevant must be a list with one list of relevant candidates per query, got {relevant!r:.80}"
@@ -327,7 +332,7 @@ def _average(
 def retrieval_metrics(
     query_emb: ArrayLike,
     cand_emb: ArrayLike,
-    relevant: Sequence[Iterable[Id]] | Relevance | None = None,
+    relevant: Sequence[Iterable[Id]] | ArrayLike | Relevance | None = None,
     *,
     cand_ids: Sequence[Id] | None = None,
     query_labels: Sequence[Id] | ArrayLike | None = None,
@@ -343,8 +348,9 @@ def retrieval_metrics(
 
     Embeddings are ``[n, dim]`` (scored by inner product) or ``[n, tokens, dim]`` with optional padding
     masks (scored by MaxSim). Relevance is either ``relevant`` -- one list per query of relevant candidate
-    indices, or of ids when ``cand_ids`` names each candidate, or a prebuilt :class:`ListRelevance` /
-    :class:`LabelRelevance` -- or ``query_labels``/``cand_labels`` (relevant iff same label).
+    indices, or of ids when ``cand_ids`` names each candidate; an index array ``[Q, R]`` or ``[Q]`` (one
+    relevant per query, paired data); or a prebuilt :class:`ListRelevance` / :class:`LabelRelevance` --
+    or ``query_labels``/``cand_labels`` (relevant iff same label).
     ``exclude_self`` ranks query i without candidate i (leave-one-out I2I). ``normalize`` L2-normalises
     embeddings first (cosine similarity). ``chunk_size`` bounds memory (default 4096 single-vector,
     64 multi-vector).
@@ -366,7 +372,7 @@ def metrics_per_dim(
     query_emb: ArrayLike,
     cand_emb: ArrayLike,
     dims: Sequence[int],
-    relevant: Sequence[Iterable[Id]] | Relevance | None = None,
+    relevant: Sequence[Iterable[Id]] | ArrayLike | Relevance | None = None,
     *,
     cand_ids: Sequence[Id] | None = None,
     query_labels: Sequence[Id] | ArrayLike | None = None,
