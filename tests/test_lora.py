@@ -1,0 +1,155 @@
+"""LoRA: what trains, per-architecture default targets, merged and adapter saves that reload to equal embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from vembed.model import EmbeddingModel
+from vembed.model.lora import apply_lora, default_target_modules, is_lora
+from vembed.training import model_builder
+
+pytestmark = pytest.mark.unit
+
+LORA = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
+def _perturb_adapters(model: EmbeddingModel, seed: int = 0) -> None:
+    """Give the adapters non-zero weights (PEFT starts lora_B at zero, where merged == base trivially)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def _text_and_pixels() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([[0, 10, 11, 12, 1], [0, 20, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return ids, mask, pixels
+
+
+def _embeddings(model: EmbeddingModel) -> dict[str, torch.Tensor]:
+    ids, mask, pixels = _text_and_pixels()
+    model.eval()
+    with torch.no_grad():
+        out = {}
+        if "text" in model.modalities:
+            out["text"] = model.encode_text(ids, mask)
+        if "image" in model.modalities:
+            out["image"] = model.encode_image(pixels)
+        return out
+
+
+def test_default_targets_follow_the_module_names(tiny_clip_dir, tiny_bert_dir, tiny_vit_dir):
+    assert default_target_modules(AutoModel.from_pretrained(tiny_clip_dir)) == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+    ]
+    assert default_target_modules(AutoModel.from_pretrained(tiny_bert_dir)) == ["query", "key", "value"]
+    vit_names = default_target_modules(AutoModel.from_pretrained(tiny_vit_dir))
+    assert vit_names in (["q_proj", "k_proj", "v_proj", "o_proj"], ["query", "key", "value"])
+    with pytest.raises(ValueError, match="no default LoRA target modules"):
+        default_target_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_only_adapters_and_heads_train(tiny_clip_dir):
+    model = EmbeddingModel.from_pretrained(tiny_clip_dir, projection_dim=8)
+    apply_lora(model, LORA)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("heads.") for n in trainable)
+    assert {"heads.text.weight", "heads.image.weight"} <= set(trainable)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if "lora_" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "out_proj"}
+
+    # one optimizer step moves adapters and heads, nothing else
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids, mask, pixels = _text_and_pixels()
+    out = model(query_input_ids=ids, query_attention_mask=mask, positive_pixel_values=pixels)
+    (-(out["query"] * out["positive"]).sum() + out["query"].sum()).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n or n.startswith("heads.") for n in changed)
+    assert any("lora_B" in n for n in changed) and "heads.text.weight" in changed
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+@pytest.mark.parametrize("kind", ["clip", "composed"])
+def test_lora_saves_reload_to_equal_embeddings(kind, merge, tmp_path, tiny_clip_dir, tiny_bert_dir, tiny_vit_dir):
+    if kind == "clip":
+        model = EmbeddingModel.from_pretrained(tiny_clip_dir, projection_dim=8)
+    else:
+        model = EmbeddingModel.from_config(
+            {"text_model_name": str(tiny_bert_dir), "image_model_name": str(tiny_vit_dir), "projection_dim": 8}
+        )
+    base = _embeddings(model)
+    apply_lora(model, LORA)
+    _perturb_adapters(model)
+    live = _embeddings(model)
+    assert not torch.allclose(live["text"], base["text"], atol=1e-3)  # the adapters matter
+    saved = model.save_pretrained(tmp_path / "saved", merge_lora=merge)
+
+    assert all(is_lora(b) for b in model.encoder.backbones().values())  # the live model keeps its adapters
+    adapters = sorted(p.relative_to(saved).as_posix() for p in saved.rglob("adapter_model.safetensors"))
+    expected = (
+        []
+        if merge
+        else (
+            ["lora_adapter/adapter_model.safetensors"]
+            if kind == "clip"
+            else [
+                "image_encoder/lora_adapter/adapter_model.safetensors",
+                "text_encoder/lora_adapter/adapter_model.safetensors",
+            ]
+        )
+    )
+    assert adapters == expected
+
+    reloaded = EmbeddingModel.from_pretrained(saved)
+    assert all(is_lora(b) != merge for b in reloaded.encoder.backbones().values())
+    again = _embeddings(reloaded)
+    for modality in live:
+        torch.testing.assert_close(again[modality], live[modality], atol=1e-5, rtol=1e-5)
+
+
+def test_merged_save_is_a_plain_hf_model_with_the_adapter_folded_in(tmp_path, tiny_bert_dir):
+    model = EmbeddingModel.from_pretrained(tiny_bert_dir)
+    apply_lora(model, LORA)
+    _perturb_adapters(model)
+    saved = model.save_pretrained(tmp_path / "merged")
+    hf = AutoModel.from_pretrained(saved)
+    assert not any("lora" in key for key in hf.state_dict())
+    # hand-merge one adapted layer: W + (alpha / r) * B @ A
+    layer = model.encoder.backbone.get_base_model().encoder.layer[0].attention.self.query
+    expected = layer.base_layer.weight + (LORA["lora_alpha"] / LORA["lora_r"]) * (
+        layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    )
+    torch.testing.assert_close(hf.encoder.layer[0].attention.self.query.weight, expected.detach())
+
+
+def test_adapter_save_keeps_base_weights_unmerged(tmp_path, tiny_bert_dir):
+    model = EmbeddingModel.from_pretrained(tiny_bert_dir)
+    apply_lora(model, LORA)
+    _perturb_adapters(model)
+    saved = model.save_pretrained(tmp_path / "adapter", merge_lora=False)
+    original = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+    hf = AutoModel.from_pretrained(saved).state_dict()
+    assert all(torch.equal(hf[key], value) for key, value in original.items())
+
+
+def test_lora_errors_and_builder_switch(tiny_bert_dir):
+    model = EmbeddingModel.from_pretrained(tiny_bert_dir)
+    with pytest.raises(ValueError, match=r"match no linear layer.*'query'"):
+        apply_lora(model, {**LORA, "lora_target_modules": ["q_proj"]})
+    assert model_builder.apply_lora(model, {**LORA, "use_lora": False}) is model
+    assert not is_lora(model.encoder.backbone)
+    model_builder.apply_lora(model, {**LORA, "use_lora": True, "lora_target_modules": ["query", "value"]})
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted == {"query", "value"}
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        apply_lora(model, LORA)
