@@ -26,6 +26,14 @@ from vembed.serving.settings import ServeArgs
 T = TypeVar("T")
 
 
+async def within_timeout(work: Awaitable[T], timeout_s: float) -> T:
+    """Await ``work``; past ``timeout_s`` cancel it (queued batch items are dropped) and answer 504."""
+    try:
+        return await asyncio.wait_for(work, timeout=timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(504, f"request took longer than {timeout_s} s (request_timeout_s)", code="timeout") from None
+
+
 class EmbeddingService:
     """Predictor + batch queues + the checks that need the model (dimensions, token window)."""
 
@@ -95,26 +103,31 @@ class EmbeddingService:
     # ---- encoding (batched) ----
     async def embed_texts(self, texts: Sequence[str], dimensions: Optional[int] = None) -> np.ndarray:
         """``(N, D)`` float32 for ``texts``, each text batched with other requests' texts."""
-        rows = await self._within_timeout(asyncio.gather(*(self._text_batch((t, dimensions)) for t in texts)))
+        rows = await within_timeout(
+            asyncio.gather(*(self._text_batch((t, dimensions)) for t in texts)), self.args.request_timeout_s
+        )
         return np.stack(rows)
 
     async def embed_images(self, images: Sequence[Image.Image], dimensions: Optional[int] = None) -> np.ndarray:
         """``(N, D)`` float32 for decoded ``images``, each image batched with other requests' images."""
-        rows = await self._within_timeout(asyncio.gather(*(self._image_batch((im, dimensions)) for im in images)))
+        rows = await within_timeout(
+            asyncio.gather(*(self._image_batch((im, dimensions)) for im in images)), self.args.request_timeout_s
+        )
         return np.stack(rows)
 
     async def similarity(self, **kwargs: Any) -> np.ndarray:
-        """The Predictor's own ``similarity`` (not batched across requests), in a worker thread."""
-        return await self._within_timeout(asyncio.to_thread(self.predictor.similarity, **kwargs))
+        """The Predictor's own ``similarity`` (not batched across requests), in a worker thread.
 
-    async def _within_timeout(self, work: Awaitable[T]) -> T:
+        Composed text+image queries go through the model's own fusion (``encode_multimodal``), as in Python.
+        """
         try:
-            return await asyncio.wait_for(work, timeout=self.args.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise APIError(
-                504, f"request took longer than {self.args.request_timeout_s} s (request_timeout_s)", code="timeout"
-            ) from None
+            return await within_timeout(
+                asyncio.to_thread(self.predictor.similarity, **kwargs), self.args.request_timeout_s
+            )
+        except ValueError as exc:  # the Predictor's input errors, e.g. a text+image query on a non-composed model
+            raise APIError(400, str(exc), code="invalid_value") from exc
 
+    # The decorator's sizes are placeholders: __init__ sets max_batch_size and the wait from ServeArgs.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _text_batch(self, items: list[tuple[str, Optional[int]]]) -> list[np.ndarray]:
         return await self._run_grouped(items, self.predictor.encode_text)
