@@ -76,7 +76,7 @@ class EmbeddingModel(nn.Module):
                 f"the {encoder.name} encoder's outputs have different widths {widths}; set projection_dim so that "
                 "both modalities are projected into one shared space"
             )
-        dtype = next(unwrap(next(iter(encoder.backbones().values()))).parameters()).dtype
+        dtype = next(encoder.parameters()).dtype
         self.heads = heads if heads is not None else nn.ModuleDict()
         if heads is None and projection_dim is not None:
             self.heads = build_heads(widths, projection_dim, dtype=dtype)

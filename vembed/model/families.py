@@ -197,9 +197,13 @@ class EncoderFamily(nn.Module, abc.ABC):
         return None
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
+        """Pooled text embeddings ``[B, W]`` (or token embeddings ``[B, L, W]`` + mask for pooling ``none``);
+        families without a text tower raise a ValueError naming what they do encode."""
         raise ValueError(f"the {self.name} family encodes {'/'.join(self.modalities)} only, not text")
 
     def encode_image(self, pixel_values: torch.Tensor) -> Encoded:
+        """Pooled image embeddings ``[B, W]`` (or patch embeddings + an all-ones mask for pooling ``none``);
+        families without an image tower raise a ValueError naming what they do encode."""
         raise ValueError(f"the {self.name} family encodes {'/'.join(self.modalities)} only, not images")
 
     def describe(self) -> dict[str, Any]:
@@ -214,7 +218,9 @@ class TextFamily(EncoderFamily):
     modalities = ("text",)
     backbone_dirs = {"backbone": ""}
 
-    def __init__(self, backbones: Mapping[str, PreTrainedModel], pooling: Mapping[str, str], sources):
+    def __init__(
+        self, backbones: Mapping[str, PreTrainedModel], pooling: Mapping[str, str], sources: Mapping[str, str]
+    ):
         super().__init__(pooling, sources)
         self.backbone = backbones["backbone"]
         _freeze_hf_pooler(self.backbone)
@@ -241,7 +247,9 @@ class ImageFamily(EncoderFamily):
     modalities = ("image",)
     backbone_dirs = {"backbone": ""}
 
-    def __init__(self, backbones: Mapping[str, PreTrainedModel], pooling: Mapping[str, str], sources):
+    def __init__(
+        self, backbones: Mapping[str, PreTrainedModel], pooling: Mapping[str, str], sources: Mapping[str, str]
+    ):
         super().__init__(pooling, sources)
         self.backbone = backbones["backbone"]
         _freeze_hf_pooler(self.backbone)
@@ -265,7 +273,9 @@ class ComposedFamily(EncoderFamily):
     modalities = ("text", "image")
     backbone_dirs = {"text_encoder": TEXT_ENCODER_DIR, "image_encoder": IMAGE_ENCODER_DIR}
 
-    def __init__(self, backbones: Mapping[str, PreTrainedModel], pooling: Mapping[str, str], sources):
+    def __init__(
+        self, backbones: Mapping[str, PreTrainedModel], pooling: Mapping[str, str], sources: Mapping[str, str]
+    ):
         super().__init__(pooling, sources)
         self.text_encoder = backbones["text_encoder"]
         self.image_encoder = backbones["image_encoder"]
@@ -306,7 +316,9 @@ class DualFamily(EncoderFamily):
     #: parameters reshaped from 0-dim to 1 element for FSDP2; the original shapes are restored on save
     RESHAPED_PARAMETERS: ClassVar[tuple[str, ...]] = ("logit_scale", "logit_bias")
 
-    def __init__(self, backbones: Mapping[str, PreTrainedModel], pooling: Mapping[str, str], sources):
+    def __init__(
+        self, backbones: Mapping[str, PreTrainedModel], pooling: Mapping[str, str], sources: Mapping[str, str]
+    ):
         super().__init__(pooling, sources)
         self.backbone = backbones["backbone"]
         model = unwrap(self.backbone)
