@@ -77,6 +77,23 @@ class VEmbedFactoryPredictor:
         self.preprocessor = Preprocessor.from_pretrained(self.model_path, max_text_length=max_text_length or 77)
         self.dimension = self._check_dimension(dimension if dimension is not None else mrl_dim)
 
+    @classmethod
+    def from_model(
+        cls, model: EmbeddingModel, preprocessor: Preprocessor, dimension: int | None = None
+    ) -> VEmbedFactoryPredictor:
+        """Wrap an in-memory model (e.g. during training's validation) without loading anything from disk.
+
+        The model keeps its device and dtype; callers switch it to eval mode (and back) themselves.
+        """
+        predictor = cls.__new__(cls)
+        predictor.model_path = "<in-memory>"
+        predictor.model = model
+        param = next(model.parameters())
+        predictor.device, predictor.dtype = param.device, param.dtype
+        predictor.preprocessor = preprocessor
+        predictor.dimension = predictor._check_dimension(dimension)
+        return predictor
+
     # ---- properties ----
     @property
     def embedding_dim(self) -> int:
