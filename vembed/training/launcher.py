@@ -1,0 +1,146 @@
+"""``run_training(config)``: build and run the Ray Train ``TorchTrainer`` for a vembed config.
+
+The driver (this module) resolves paths, connects to Ray (``RAY_ADDRESS`` when set, else a local
+instance), checks that the cluster can host the requested workers (a clear error instead of a run
+that waits for resources forever), builds the Ray Data pipelines and hands everything to
+``TorchTrainer(train_loop_per_worker, ...)``. A rerun with the same ``storage_path`` and
+``run_name`` resumes from that run's latest checkpoint (Ray Train V2 restores it by name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from vembed.config import ConfigError, VEmbedConfig, as_config
+from vembed.training.worker import make_loop_config, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_run_paths(config: VEmbedConfig) -> VEmbedConfig:
+    """Absolute ``output_dir`` and ``storage_path`` (workers run in other directories), and a ``run_name``.
+
+    Defaults: ``storage_path = output_dir/ray_results``, ``run_name = basename(output_dir)``.
+    """
+    output_dir = Path(config.output_dir).expanduser().resolve()
+    storage = config.storage_path or str(output_dir / "ray_results")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return config.replace(output_dir=str(output_dir), storage_path=storage, run_name=config.run_name or output_dir.name)
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster at ``RAY_ADDRESS`` when set, else start (or join) a local Ray instance."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def wants_gpu(config: VEmbedConfig) -> bool:
+    """``use_gpu``, with ``auto`` meaning: the cluster has GPUs."""
+    if config.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(config.use_gpu)
+
+
+def worker_resources(config: VEmbedConfig, use_gpu: bool) -> dict[str, float]:
+    """What one Ray Train worker reserves (Ray Train's rule: 1 CPU, or 1 GPU and no CPU, unless given)."""
+    resources = {k: v for k, v in config.resources_per_worker.items() if v}
+    if not resources:
+        resources = {"GPU": 1.0} if use_gpu else {"CPU": 1.0}
+    if use_gpu:
+        resources.setdefault("GPU", 1.0)
+    return resources
+
+
+def check_cluster_fits(config: VEmbedConfig, use_gpu: bool) -> None:
+    """Raise a ConfigError when the cluster cannot host ``num_workers`` workers plus the data pipeline."""
+    if config.num_workers == 0:
+        return
+    per_worker = worker_resources(config, use_gpu)
+    total = ray.cluster_resources()
+    for name, amount in per_worker.items():
+        needed = amount * config.num_workers
+        have = total.get(name, 0.0)
+        if needed > have:
+            raise ConfigError(
+                f"num_workers={config.num_workers} needs {needed:g} {name} ({amount:g} per worker) but the Ray "
+                f"cluster has {have:g}; lower num_workers or resources_per_worker, or add nodes"
+            )
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(all(node.get(k, 0.0) >= v for k, v in per_worker.items()) for node in nodes):
+        raise ConfigError(f"no node of the Ray cluster can host one worker needing {per_worker}")
+    cpus_left = total.get("CPU", 0.0) - per_worker.get("CPU", 0.0) * config.num_workers
+    if cpus_left < 1:
+        raise ConfigError(
+            f"num_workers={config.num_workers} would take all {total.get('CPU', 0.0):g} CPUs of the Ray cluster, "
+            "leaving none for the Ray Data preprocessing that feeds them; lower num_workers or "
+            "resources_per_worker.CPU"
+        )
+
+
+def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any]:
+    """The Ray Data pipelines ``{"train": ..., "val": ...}``, the number of training records and the
+    counter of records skipped as bad."""
+    from vembed.data.pipeline import BadRecordCounter, build_train_dataset, read_record_dataset
+    from vembed.data.processing import Preprocessor
+
+    if config.data_path is None:
+        raise ConfigError("data_path is not set: give the training records (JSONL / CSV / Parquet)")
+    preprocessor = Preprocessor.from_config(config)
+    num_records = read_record_dataset(config.data_path, config).count()
+    bad_records = BadRecordCounter()
+    datasets = {"train": build_train_dataset(config.data_path, preprocessor, config, bad_records)}
+    if config.val_data_path is not None:
+        val_config = config.replace(shuffle=False)
+        datasets["val"] = build_train_dataset(config.val_data_path, preprocessor, val_config, bad_records)
+    return datasets, num_records, bad_records
+
+
+def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
+    """A ready ``TorchTrainer`` for ``config`` (connects to Ray and checks the cluster first)."""
+    cfg = resolve_run_paths(as_config(config))
+    ensure_ray()
+    use_gpu = wants_gpu(cfg)
+    check_cluster_fits(cfg, use_gpu)
+    from vembed.data.pipeline import train_ingest_options
+
+    datasets, num_records, bad_records = build_datasets(cfg)
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=worker_resources(cfg, use_gpu) if cfg.num_workers else None,
+    )
+    run_config = ray.train.RunConfig(
+        name=cfg.run_name,
+        storage_path=cfg.storage_path,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=make_loop_config(cfg, num_records, bad_records),
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=train_ingest_options()),
+    )
+
+
+def run_training(config: VEmbedConfig | Mapping[str, Any]) -> ray.train.Result:
+    """Train with Ray Train as configured; returns the ``ray.train.Result`` (metrics, checkpoint, path).
+
+    User checkpoints land in ``output_dir/checkpoint-epoch-N``; resume checkpoints under
+    ``storage_path/run_name``. A failed run raises Ray Train's ``TrainingFailedError``.
+    """
+    trainer = build_trainer(config)
+    result = trainer.fit()
+    logger.info("training finished: %s", result.metrics)
+    return result

@@ -1,0 +1,497 @@
+"""``Trainer``: the one training step of vembed, used by every way of running it.
+
+The same loop runs
+
+- inside a Ray Train worker (the primary path, see :mod:`vembed.training.worker`): metrics and
+  resume checkpoints go through ``ray.train.report``;
+- with an ``accelerate.Accelerator`` (the seed guide's custom loop): the accelerator prepares the
+  model, optimizer and data, and does backward, clipping and autocast;
+- as a plain single process.
+
+Rank and world size always come from ``torch.distributed`` (Ray Train and accelerate both set up the
+default process group), so one code path serves all three.
+
+One optimizer step: for each of ``gradient_accumulation_steps`` micro-batches, forward (under
+autocast where configured), add the frozen teacher's embeddings when distilling, loss, backward
+(gradient synchronisation only on the window's last micro-batch); then average the gradients of
+parameters outside the wrapped model (the loss's temperature), clip, step the optimizer and the
+scheduler. With ``grad_cache`` the micro-step is a :class:`~vembed.training.grad_cache.GradCache`
+step (the whole batch's loss in chunk-sized memory) instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from vembed.config import VEmbedConfig, as_config
+from vembed.losses.distributed import all_gather_with_grad
+from vembed.training.checkpointing import (
+    TrainingProgress,
+    load_training_state,
+    save_training_state,
+    save_user_checkpoint,
+)
+from vembed.training.distributed import (
+    autocast_dtype,
+    average_gradients,
+    clip_grad_norm,
+    distributed_world,
+    in_ray_train_worker,
+    is_sharded,
+    unwrap_model,
+)
+from vembed.training.grad_cache import GradCache
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, Any]
+TEACHER_ROLES = ("query", "positive", "negatives")
+RESOLVED_CONFIG_FILE = "config.yaml"
+RETRIEVAL_KS = (1, 5, 10)
+
+
+def _with_last_flag(iterable: Iterable[Batch]) -> Iterator[tuple[Batch, bool]]:
+    """Yield ``(item, is_last)``: the loop must know the epoch's last batch before its backward."""
+    iterator = iter(iterable)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for upcoming in iterator:
+        yield current, False
+        current = upcoming
+    yield current, True
+
+
+def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _batch_rows(batch: Batch) -> int:
+    return next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0), 0)
+
+
+def _mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Average a few floats over all ranks (one small all-reduce); identity without a process group."""
+    _, world = distributed_world()
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+class Trainer:
+    """Contrastive training loop: ``Trainer(model, optimizer, dataloader, criterion, ...).train()``.
+
+    Args:
+        model: the embedding model; ``model(**batch)`` returns ``{"query", "positive", ...}``. Already
+            wrapped for DDP/FSDP (or to be prepared by ``accelerator``).
+        optimizer: e.g. :func:`~vembed.training.optimizer_builder.build_optimizer` (include the loss's
+            parameters).
+        dataloader: re-iterable batches (dicts of tensors); ``set_epoch(epoch)`` is called when present.
+        criterion: ``criterion(outputs, batch) -> scalar``, e.g. ``LossFactory.create(config)``.
+        accelerator: an ``accelerate.Accelerator``; unprepared model/optimizer/data are prepared here.
+        config: the vembed config (dict or ``VEmbedConfig``); ``epochs``, ``gradient_accumulation_steps``,
+            ``max_grad_norm``, ``mixed_precision``, ``logging_steps``, ``eval_steps``, ``save_steps``,
+            ``output_dir``, ``grad_cache``, ``teacher_model_name``, ``fail_at_step`` are read from it.
+        scheduler: stepped once per optimizer step.
+        val_dataloader: validation batches (validation loss and retrieval metrics).
+        teacher: a frozen teacher model for distillation; built from ``teacher_model_name`` when None.
+        device: where batches go; default: the model's device (the accelerator's with one).
+        progress: where to start (resume); default the beginning.
+        model_factory: builds an unsharded model of the same architecture (FSDP user checkpoints).
+        run_info: constant values added to every metrics report (e.g. worker node ids).
+        bad_records: returns the number of records skipped as unreadable so far (reported as metric).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataloader: Iterable[Batch],
+        criterion: Callable[..., Tensor],
+        accelerator: Any | None = None,
+        config: VEmbedConfig | Mapping[str, Any] | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        *,
+        val_dataloader: Iterable[Batch] | None = None,
+        teacher: nn.Module | None = None,
+        device: torch.device | None = None,
+        progress: TrainingProgress | None = None,
+        model_factory: Callable[[], nn.Module] | None = None,
+        run_info: Mapping[str, Any] | None = None,
+        bad_records: Callable[[], int] | None = None,
+    ) -> None:
+        self.config = as_config(config)
+        cfg = self.config
+        if cfg.grad_cache and cfg.mixed_precision == "fp16":
+            raise ValueError("grad_cache does not support mixed_precision=fp16 (no loss scaling); use bf16 or no")
+        if cfg.grad_cache and cfg.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "grad_cache and gradient_accumulation_steps > 1 do not combine: GradCache already computes the "
+                "loss of the whole batch in chunks; raise batch_size instead of accumulating"
+            )
+        self.accelerator = accelerator
+        if accelerator is not None:
+            model, optimizer, dataloader, val_dataloader = self._prepare_with_accelerator(
+                model, optimizer, dataloader, val_dataloader
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.dataloader = dataloader
+        self.val_dataloader = val_dataloader
+        self.criterion = criterion
+        self.scheduler = scheduler
+        self.device = device or (accelerator.device if accelerator is not None else _model_device(model))
+        self.progress = progress or TrainingProgress()
+        self.model_factory = model_factory
+        self.run_info = dict(run_info or {})
+        self.bad_records = bad_records
+        self.output_dir = Path(cfg.output_dir)
+        self.in_ray = in_ray_train_worker()
+        self.rank, self.world_size = distributed_world()
+        self.history: list[dict[str, Any]] = []
+
+        self.teacher = teacher if teacher is not None else self._load_teacher()
+        self._amp_dtype = None if accelerator is not None or is_sharded(model) else autocast_dtype(cfg, self.device)
+        self._scaler = torch.amp.GradScaler("cuda") if self._amp_dtype == torch.float16 else None
+        model_params = {id(p) for p in model.parameters()}
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._unsynced_params = [p for p in self._params if id(p) not in model_params]
+        self._grad_cache = GradCache(model, self._loss, cfg.grad_cache_chunk_size) if cfg.grad_cache else None
+        self._window = _MetricWindow()
+        self._tensorboard = self._open_tensorboard()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _prepare_with_accelerator(self, model, optimizer, dataloader, val_dataloader):
+        """``accelerator.prepare`` whatever the caller has not prepared yet (the scheduler stays ours)."""
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        if isinstance(optimizer, AcceleratedOptimizer):
+            return model, optimizer, dataloader, val_dataloader
+        if val_dataloader is None:
+            model, optimizer, dataloader = self.accelerator.prepare(model, optimizer, dataloader)
+            return model, optimizer, dataloader, None
+        return self.accelerator.prepare(model, optimizer, dataloader, val_dataloader)
+
+    def _load_teacher(self) -> nn.Module | None:
+        """The frozen teacher named by ``teacher_model_name`` (it must read the student's batches)."""
+        cfg = self.config
+        if cfg.teacher_model_name is None:
+            return None
+        if cfg.loss_type != "distillation":
+            raise ValueError(
+                f"teacher_model_name is set but loss_type is {cfg.loss_type!r}; set loss_type: distillation "
+                "(or drop teacher_model_name)"
+            )
+        from vembed.training.model_builder import build_model
+
+        teacher = build_model(cfg.replace(model_name=cfg.teacher_model_name, use_lora=False, torch_compile=False))
+        return teacher.requires_grad_(False).eval().to(self.device)
+
+    def _open_tensorboard(self) -> Any | None:
+        if self.config.report_to != "tensorboard" or self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(
+                "report_to: tensorboard needs the tensorboard package: pip install 'vembed[tensorboard]'"
+            ) from exc
+        return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+
+    # -- the step ---------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.accelerator is not None:
+            return self.accelerator.autocast()
+        if self._amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._amp_dtype)
+
+    def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        if self.accelerator is not None:
+            return self.accelerator.no_sync(self.model)
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
+
+    def _teacher_outputs(self, batch: Batch) -> dict[str, Tensor]:
+        if self.teacher is None:
+            return {}
+        with torch.no_grad():
+            outputs = self.teacher(**batch)
+        return {f"teacher_{role}": outputs[role] for role in TEACHER_ROLES if outputs.get(role) is not None}
+
+    def _loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        """The criterion on the model's outputs (plus the teacher's embeddings when distilling)."""
+        return self.criterion({**outputs, **self._teacher_outputs(batch)}, batch)
+
+    def _backward(self, loss: Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        elif self._scaler is not None:
+            self._scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _micro_step(self, batch: Batch, sync: bool) -> Tensor:
+        """Forward + backward of one micro-batch; gradients are synchronised only when ``sync``."""
+        with contextlib.nullcontext() if sync else self._no_sync(), self._autocast():
+            if self._grad_cache is not None:
+                return self._grad_cache.step(batch)
+            loss = self._loss(self.model(**batch), batch)
+            self._backward(loss / self.config.gradient_accumulation_steps)
+        return loss.detach()
+
+    def _optimizer_step(self, window: int) -> float:
+        """Clip, step and zero; ``window`` micro-batches contributed (fewer than configured at an epoch's end)."""
+        accumulation = self.config.gradient_accumulation_steps
+        if window != accumulation:  # the loss was divided by the configured count: rescale to a mean
+            for p in self._params:
+                if p.grad is not None:
+                    p.grad.mul_(accumulation / window)
+        average_gradients(self._unsynced_params)
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
+        if self.accelerator is not None and self.config.max_grad_norm > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self._params, self.config.max_grad_norm)
+        else:
+            grad_norm = clip_grad_norm(self._params, self.config.max_grad_norm)
+        if self._scaler is not None:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        return float(grad_norm)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run from ``progress`` to ``config.epochs``; returns the last reported metrics."""
+        cfg = self.config
+        if self.rank == 0:
+            cfg.save(self.output_dir / RESOLVED_CONFIG_FILE)
+        self.model.train()
+        for epoch in range(self.progress.epoch, cfg.epochs):
+            self._run_epoch(epoch)
+            self.progress = TrainingProgress(epoch=epoch + 1, batches_done=0, step=self.progress.step)
+            metrics = self._metrics(epoch)
+            if self.val_dataloader is not None and cfg.eval_steps == 0:
+                metrics.update(self.evaluate())
+            save_user_checkpoint(self.model, self.output_dir / f"checkpoint-epoch-{epoch + 1}", cfg, self.model_factory)
+            self._report(metrics, with_checkpoint=True)
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        return self.history[-1] if self.history else {}
+
+    def _run_epoch(self, epoch: int) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed + 1000 * epoch + self.rank)  # dropout etc.: the same on resume
+        if hasattr(self.dataloader, "set_epoch"):
+            self.dataloader.set_epoch(epoch)
+        skip = self.progress.batches_done if epoch == self.progress.epoch else 0
+        window = 0
+        self.progress.epoch = epoch
+        for index, (batch, last) in enumerate(_with_last_flag(self.dataloader)):
+            if index < skip:
+                continue  # trained on before the checkpoint we resumed from
+            batch = _to_device(batch, self.device)
+            window += 1
+            sync = window == cfg.gradient_accumulation_steps or last
+            loss = self._micro_step(batch, sync)
+            self._window.add(loss, _batch_rows(batch))
+            self.progress.batches_done = index + 1
+            if sync:
+                self._window.grad_norm = self._optimizer_step(window)
+                window = 0
+                self._after_step(epoch)
+        if self.progress.batches_done == 0:
+            raise ValueError(
+                f"epoch {epoch} produced no batches on rank {self.rank}: the data set is empty or smaller than one "
+                f"global batch ({cfg.batch_size} records)"
+            )
+
+    def _after_step(self, epoch: int) -> None:
+        cfg, step = self.config, self.progress.step
+        self._maybe_fail(step)
+        metrics: dict[str, Any] = {}
+        if cfg.logging_steps > 0 and step % cfg.logging_steps == 0:
+            metrics = self._metrics(epoch)
+        if self.val_dataloader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0:
+            metrics = {**(metrics or self._metrics(epoch)), **self.evaluate()}
+        checkpoint = cfg.save_steps > 0 and step % cfg.save_steps == 0
+        if checkpoint:
+            save_user_checkpoint(self.model, self.output_dir / f"checkpoint-step-{step}", cfg, self.model_factory)
+            metrics = metrics or self._metrics(epoch)
+        if metrics:
+            self._report(metrics, with_checkpoint=checkpoint)
+
+    def _maybe_fail(self, step: int) -> None:
+        """Fault injection for tests: at ``fail_at_step`` rank 0 of a Ray run kills its own process, once."""
+        if self.config.fail_at_step != step or self.rank != 0 or not self.in_ray:
+            return
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        marker = f"{storage.experiment_fs_path}/.fail_at_step_{step}.done"
+        fs = storage.storage_filesystem
+        if fs.get_file_info(marker).type.name != "NotFound":
+            return  # already failed once: this is the restarted run
+        with fs.open_output_stream(marker) as out:
+            out.write(b"killed\n")
+        logger.warning("fail_at_step=%d: rank 0 kills its own process (pid %d)", step, os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- metrics, validation, reporting -----------------------------------------------------------
+    def _metrics(self, epoch: int) -> dict[str, Any]:
+        """Loss (mean over ranks and steps since the last report), lr, samples/s and progress."""
+        loss, samples_per_s = _mean_across_ranks(list(self._window.flush()), self.device)
+        metrics = {
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": samples_per_s * self.world_size,
+            "grad_norm": self._window.grad_norm,
+            "epoch": epoch + 1,
+            "step": self.progress.step,
+            "world_size": self.world_size,
+        }
+        if self.bad_records is not None:
+            metrics["bad_records"] = self.bad_records()
+        return {**metrics, **self.run_info}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and retrieval metrics (query vs positives of the whole validation set)."""
+        from vembed.evaluation.metrics import retrieval_metrics
+
+        self.model.eval()
+        losses, roles, labels = [], {"query": [], "positive": [], "query_mask": [], "positive_mask": []}, []
+        for batch in self.val_dataloader:
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                outputs = self.model(**batch)
+                losses.append(float(self._loss(outputs, batch)))
+            for role, store in roles.items():
+                if outputs.get(role) is not None:
+                    store.append(outputs[role].float())
+            if batch.get("labels") is not None:
+                labels.append(batch["labels"])
+        self.model.train()
+        if not losses:
+            raise ValueError("the validation data set produced no batches on this rank; is val_data_path empty?")
+        gathered = {r: all_gather_with_grad(torch.cat(v)).tensor.cpu() for r, v in roles.items() if v}
+        (val_loss,) = _mean_across_ranks([sum(losses) / len(losses)], self.device)
+        relevance: dict[str, Any]
+        if labels:
+            label_tensor = all_gather_with_grad(torch.cat(labels)).tensor.cpu()
+            relevance = {"query_labels": label_tensor.tolist(), "cand_labels": label_tensor.tolist()}
+        else:
+            relevance = {"relevant": [[i] for i in range(gathered["query"].shape[0])]}
+        scores = retrieval_metrics(
+            gathered["query"],
+            gathered["positive"],
+            ks=[k for k in RETRIEVAL_KS if k <= gathered["positive"].shape[0]],
+            query_mask=gathered.get("query_mask"),
+            cand_mask=gathered.get("positive_mask"),
+            **relevance,
+        )
+        return {"val_loss": val_loss, **{f"val_{k}": float(v) for k, v in scores.items()}}
+
+    def _report(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        """Hand metrics to Ray Train (with a resume checkpoint when asked), accelerate or the log."""
+        self.history.append(metrics)
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(f"train/{key}", value, self.progress.step)
+        if self.in_ray:
+            self._report_to_ray(metrics, with_checkpoint)
+        elif self.accelerator is not None:
+            self.accelerator.print(_format(metrics))
+        elif self.rank == 0:
+            logger.info(_format(metrics))
+
+    def _report_to_ray(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        import ray.train
+        from ray.train.v2.api.context import LocalTrainContext
+
+        local_mode = isinstance(ray.train.get_context(), LocalTrainContext)  # num_workers=0: no storage to resume
+        if not with_checkpoint or local_mode:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="vembed-ckpt-") as tmp:
+            wrote = save_training_state(
+                tmp, self.model, self.optimizer, self.scheduler, self.progress, self._stateful_modules()
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def _stateful_modules(self) -> dict[str, nn.Module]:
+        return {"loss": self.criterion} if isinstance(self.criterion, nn.Module) else {}
+
+    def load_state(self, directory: str | Path) -> TrainingProgress:
+        """Resume from a directory written by a resume checkpoint (model, optimizer, scheduler, progress)."""
+        self.progress = load_training_state(
+            directory, self.model, self.optimizer, self.scheduler, self._stateful_modules()
+        )
+        return self.progress
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The model without DDP / compile / accelerate wrappers."""
+        if self.accelerator is not None:
+            return self.accelerator.unwrap_model(self.model)
+        return unwrap_model(self.model)
+
+
+class _MetricWindow:
+    """Loss and throughput accumulated since the last report."""
+
+    def __init__(self) -> None:
+        self.grad_norm = 0.0
+        self._last = (float("nan"), 0.0)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._loss_sum: Tensor | float = 0.0  # stays on the loss's device: no host sync per step
+        self._batches = 0
+        self._samples = 0
+        self._start = time.perf_counter()
+
+    def add(self, loss: Tensor, samples: int) -> None:
+        self._loss_sum = self._loss_sum + loss.detach().double()
+        self._batches += 1
+        self._samples += samples
+
+    def flush(self) -> tuple[float, float]:
+        """(mean loss, samples/s of this rank) since the last flush, or the previous values when no step
+        happened since (an epoch-end report right after a logging step); resets the window."""
+        if self._batches:
+            elapsed = max(time.perf_counter() - self._start, 1e-9)
+            self._last = (float(self._loss_sum) / self._batches, self._samples / elapsed)
+        self._reset()
+        return self._last
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _format(metrics: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

@@ -1,0 +1,173 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs (``TorchTrainer(train_loop_per_worker, ...)``).
+
+Each worker builds the model (same seed on every rank, so freshly initialised heads agree), wraps it
+for DDP or FSDP2, builds the loss, optimizer and scheduler, restores the latest Ray Train checkpoint
+when the run is resumed or restarted after a failure, and runs the shared
+:class:`~vembed.training.training_loop.Trainer` over its shard of the Ray Data pipeline
+(``get_dataset_shard("train").iter_torch_batches``; images were decoded and tokenised in Ray Data).
+
+The loop config is the vembed config as a dict plus the number of training records (the scheduler
+needs the steps per epoch before the first batch arrives): build it with :func:`make_loop_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vembed.config import VEmbedConfig, as_config
+from vembed.training.checkpointing import TrainingProgress
+from vembed.training.distributed import distributed_world, select_device, wrap_model
+from vembed.training.optimizer_builder import build_optimizer, build_scheduler
+from vembed.training.training_loop import Trainer
+
+logger = logging.getLogger(__name__)
+
+NUM_RECORDS_KEY = "_num_train_records"
+BAD_RECORDS_KEY = "_bad_records"
+
+
+def make_loop_config(config: VEmbedConfig, num_train_records: int, bad_records: Any | None = None) -> dict[str, Any]:
+    """The ``train_loop_config`` for :func:`train_loop_per_worker`.
+
+    ``bad_records`` is the pipeline's :class:`~vembed.data.pipeline.BadRecordCounter` (reported as a metric).
+    """
+    return {**config.to_dict(), NUM_RECORDS_KEY: int(num_train_records), BAD_RECORDS_KEY: bad_records}
+
+
+def local_batch_size(config: VEmbedConfig, world_size: int) -> int:
+    """``batch_size`` is global: each of the ``world_size`` workers takes an equal share."""
+    if config.batch_size % world_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} (global) does not split evenly over {world_size} workers; "
+            f"use a multiple of {world_size}"
+        )
+    return config.batch_size // world_size
+
+
+def optimizer_steps_per_epoch(num_records: int, config: VEmbedConfig, world_size: int) -> int:
+    """Optimizer steps per epoch: each rank gets ``num_records // world`` records in full batches only."""
+    batches = (num_records // world_size) // local_batch_size(config, world_size)
+    if batches == 0:
+        raise ValueError(
+            f"the training set has {num_records} records, fewer than one global batch ({config.batch_size}) "
+            f"over {world_size} workers; add records or lower batch_size"
+        )
+    return -(-batches // config.gradient_accumulation_steps)
+
+
+class ShardLoader:
+    """Re-iterable batches of this worker's shard of a Ray Data set, one pass per epoch.
+
+    Training (``train=True``): equal-sized batches reshuffled per epoch by ``iter_train_batches``;
+    validation: every row once, in order.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, config: VEmbedConfig, train: bool) -> None:
+        self.shard = shard
+        self.batch_size = batch_size
+        self.config = config
+        self.train = train
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer before each epoch (selects the epoch's shuffle seed)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from vembed.data.pipeline import collate_train_batch, iter_train_batches
+
+        if self.train:
+            return iter_train_batches(self.shard, self.batch_size, self.config, epoch=self.epoch)
+        return iter(self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=collate_train_batch))
+
+
+def build_training_model(config: VEmbedConfig) -> nn.Module:
+    """The model to train: ``build_model`` plus LoRA adapters when ``use_lora`` (seeded: equal on every rank)."""
+    from vembed.training.model_builder import apply_lora, build_model
+
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    if config.use_lora:
+        model = apply_lora(model, config)
+    return model
+
+
+def worker_node_ids() -> list[str]:
+    """The Ray node id of every rank, in rank order (shows where the workers run)."""
+    node = ray.get_runtime_context().get_node_id()
+    _, world = distributed_world()
+    if world == 1:
+        return [node]
+    nodes: list[str] = [""] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def _restore(trainer: Trainer) -> TrainingProgress | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        progress = trainer.load_state(directory)
+    logger.info("resumed from %s at epoch %d, step %d", checkpoint.path, progress.epoch, progress.step)
+    return progress
+
+
+def train_loop_per_worker(config: Mapping[str, Any]) -> None:
+    """Train on this worker's data shard; metrics and checkpoints go to ``ray.train.report``."""
+    from vembed.losses.factory import LossFactory
+    from vembed.training.model_builder import compile_model
+
+    values = dict(config)
+    num_records = values.pop(NUM_RECORDS_KEY, None)
+    bad_records = values.pop(BAD_RECORDS_KEY, None)
+    cfg = as_config(values, source="train_loop_config")
+    if num_records is None:
+        raise ValueError(
+            f"train_loop_per_worker needs '{NUM_RECORDS_KEY}' in its config; build it with "
+            "vembed.training.worker.make_loop_config(config, num_train_records)"
+        )
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    rank, world = distributed_world()
+    device = select_device(cfg)
+
+    model = wrap_model(build_training_model(cfg), cfg, device)
+    if cfg.torch_compile:
+        model = compile_model(model, cfg)
+    criterion = LossFactory.create(cfg).to(device)
+    optimizer = build_optimizer(model, cfg, extra_modules=[criterion])
+    scheduler, _ = build_scheduler(optimizer, cfg, cfg.epochs, optimizer_steps_per_epoch(num_records, cfg, world))
+
+    batch_size = local_batch_size(cfg, world)
+    train = ShardLoader(ray.train.get_dataset_shard("train"), batch_size, cfg, train=True)
+    val = None
+    if cfg.val_data_path is not None:
+        val = ShardLoader(ray.train.get_dataset_shard("val"), cfg.eval_batch_size, cfg, train=False)
+    nodes = worker_node_ids()
+    if rank == 0:
+        logger.info("training on %d worker(s), nodes %s, device %s", world, nodes, device)
+
+    trainer = Trainer(
+        model,
+        optimizer,
+        train,
+        criterion,
+        config=cfg,
+        scheduler=scheduler,
+        val_dataloader=val,
+        device=device,
+        model_factory=lambda: build_training_model(cfg),
+        run_info={"worker_node_ids": nodes, "num_nodes": len(set(nodes))},
+        bad_records=bad_records.total if bad_records is not None else None,
+    )
+    _restore(trainer)
+    trainer.train()
