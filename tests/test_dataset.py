@@ -202,7 +202,8 @@ def test_dataset_relative_paths_column_mapping_and_eval_mode(tmp_path, mode_reco
     assert train[1]["positive"] == str(images / "1_0.jpg") and train[1][SOURCE_FIELD] == "data_source[1]"
     batch = train.collator()([train[i] for i in range(len(train))])
     assert batch["negative_pixel_values"].shape == (3, K, 3, 32, 32)
-    evaluation = VisualRetrievalDataset(rows, clip_pre, mode="eval", column_mapping=mapping, image_root=str(images))
+    cfg = {"column_mapping": mapping, "image_root": str(images), "retrieval_mode": "t2i"}
+    evaluation = VisualRetrievalDataset.from_config(rows, clip_pre, cfg, mode="eval")
     assert all(r["negatives"] == [] for r in evaluation.records)
     assert "negative_pixel_values" not in evaluation.collator()(evaluation.records)
 

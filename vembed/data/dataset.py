@@ -14,6 +14,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from vembed.config import as_config
 from vembed.data.collators import DefaultCollator, check_dataset_mode
 from vembed.data.readers import EmptyDatasetError, read_records
 from vembed.data.records import SOURCE_FIELD, RecordSchema, normalize_records
@@ -54,6 +55,14 @@ class VisualRetrievalDataset(Dataset):
             records = [{**rec, "negatives": []} for rec in records]
         self.records: list[dict[str, Any]] = records
         self.schema: RecordSchema = schema
+
+    @classmethod
+    def from_config(
+        cls, data_source: DataSource, processor: Any, config: Any, mode: str = "eval"
+    ) -> VisualRetrievalDataset:
+        """A data set read the way ``config`` says (``retrieval_mode``, ``column_mapping``, ``image_root``)."""
+        cfg = as_config(config)
+        return cls(data_source, processor, mode, cfg.retrieval_mode, cfg.column_mapping, cfg.image_root)
 
     @property
     def retrieval_mode(self) -> str:

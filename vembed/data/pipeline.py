@@ -1,26 +1,31 @@
 """The Ray Data training pipeline: record files -> preprocessed rows that every Train worker streams batches from.
 
-Stages (each streams; nothing holds the data set in one process)::
+Stages; every one streams, so the data set may be far larger than memory::
 
-    RecordDatasource       read JSONL / CSV / Parquet (local or pyarrow URI) with vembed's own parser and schema:
-                           normalised record rows; a malformed line fails naming file and line
-    random_shuffle         (shuffle: true) a seeded shuffle of the *records* -- paths and texts, small next to
-                           pixels -- with the same permutation every epoch, so a resumed run sees the same order
-    map_batches            in Data actors: read + decode images, resize/normalise, tokenise with
-                           :func:`~vembed.data.batching.build_batch` (the function the torch collator uses);
-                           texts are padded to ``max_text_length`` so all blocks share one shape; bad records are
-                           dropped and counted (:class:`BadRecordCounter`) or fail the job (``on_bad_record: fail``)
+    RecordDatasource   read JSONL / CSV / Parquet (local or pyarrow URI) with vembed's own parser and schema into
+                       normalised record rows (a malformed line fails naming file and line). With ``shuffle: true``
+                       the file order and the records inside windows of RECORD_SHUFFLE_WINDOW records are permuted
+                       by the seed -- records are paths and texts, so a window costs a few MB
+    map_batches        in a Data actor pool: read + decode images, resize/normalise, tokenise with
+                       :func:`~vembed.data.batching.build_batch` (the function the torch collator uses); texts are
+                       padded to ``max_text_length`` so all blocks share one shape; bad records are dropped and
+                       counted (:class:`BadRecordCounter`) or fail the job (``on_bad_record: fail``)
 
 In each Train worker, :func:`iter_train_batches` turns ``ray.train.get_dataset_shard("train")`` into equal-sized
 torch batches in the model's layout (``drop_last=True``), trims the text padding back to the batch's longest text
-(:func:`collate_train_batch`) and reshuffles per epoch with a local buffer seeded by ``seed + epoch``. Ray Train
-replaces a dataset's execution options with its own, so pass ``DataConfig(execution_options=train_ingest_options())``
-to keep the order reproducible (same seed, same batches) under Train too.
+(:func:`collate_train_batch`) and reshuffles every epoch through a local buffer seeded by ``shuffle_seed + epoch``.
+
+Every random choice is seeded by (seed, epoch) and nothing by how many times the data set has run, so a run
+resumed at epoch N sees the same batches as an uninterrupted one. Ray Train replaces a dataset's execution options
+with its own, so pass ``DataConfig(execution_options=train_ingest_options())`` to keep the order fixed under Train.
+A data set stored sorted (by class, say) in one file is only shuffled within windows: write it shuffled, or as
+many files.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,15 +33,17 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.data.batching import BadRecord, build_batch, check_bad_record_policy, trim_text_padding
 from vembed.data.readers import RECORD_EXTENSIONS, first_record, parse_record_file, resolve_record_files
 from vembed.data.records import SOURCE_FIELD, RecordSchema
 
-RECORD_BLOCK_ROWS = 1024
-"""Records per block read from a file (a block is the unit Ray Data schedules and shuffles)."""
+RECORD_BLOCK_ROWS = 256
+"""Records per block read from a file (a block is the unit a Data actor preprocesses in one task)."""
+RECORD_SHUFFLE_WINDOW = 16384
+"""Records permuted together when reading with ``shuffle: true`` (memory: records only, no pixels)."""
 PREPROCESS_BATCH_ROWS = 32
 """Records per ``map_batches`` call: small enough that a block of pixels stays a few tens of MB."""
 MIN_SHUFFLE_BUFFER_ROWS = 256
@@ -104,27 +111,49 @@ class RecordDatasource(FileBasedDatasource):
     """Ray Data source of normalised records, parsed by :mod:`vembed.data.readers` and checked by a schema.
 
     One read task streams one or more files block by block; any schema problem raises
-    :class:`~vembed.data.records.RecordError` naming file and line, which fails the job.
+    :class:`~vembed.data.records.RecordError` naming file and line, which fails the job. With ``shuffle_seed``
+    the files are read in a seeded order and each file's records are permuted within windows of
+    :data:`RECORD_SHUFFLE_WINDOW`, the same way on every execution.
     """
 
     _FILE_EXTENSIONS = [ext.lstrip(".") for ext in RECORD_EXTENSIONS]
 
-    def __init__(self, paths: str | list[str], record_schema: RecordSchema, **file_based_kwargs: Any) -> None:
+    def __init__(
+        self,
+        paths: str | list[str],
+        record_schema: RecordSchema,
+        shuffle_seed: int | None = None,
+        **file_based_kwargs: Any,
+    ) -> None:
+        if shuffle_seed is not None:
+            file_based_kwargs["shuffle"] = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
         super().__init__(paths, **file_based_kwargs)
         self._record_schema = record_schema
+        self._shuffle_seed = shuffle_seed
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
         return filesystem.open_input_file(path)  # random access: Parquet reads its footer first
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        rows: list[dict[str, Any]] = []
+        # A string seed hashes the same in every process (sha512), unlike hash(); one generator per file, created
+        # here, so a retried read replays exactly the same permutation.
+        rng = None if self._shuffle_seed is None else random.Random(f"{self._shuffle_seed}:{path}")
+        window_size = RECORD_SHUFFLE_WINDOW if rng is not None else RECORD_BLOCK_ROWS
+        window: list[dict[str, Any]] = []
         for raw in parse_record_file(f, path):
-            rows.append(self._record_schema.normalize(raw))
-            if len(rows) == RECORD_BLOCK_ROWS:
-                yield pa.Table.from_pylist(rows, schema=RECORD_ARROW_SCHEMA)
-                rows = []
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=RECORD_ARROW_SCHEMA)
+            window.append(self._record_schema.normalize(raw))
+            if len(window) == window_size:
+                yield from _blocks(window, rng)
+                window = []
+        if window:
+            yield from _blocks(window, rng)
+
+
+def _blocks(rows: list[dict[str, Any]], rng: random.Random | None) -> Iterator[pa.Table]:
+    if rng is not None:
+        rng.shuffle(rows)
+    for start in range(0, len(rows), RECORD_BLOCK_ROWS):
+        yield pa.Table.from_pylist(rows[start : start + RECORD_BLOCK_ROWS], schema=RECORD_ARROW_SCHEMA)
 
 
 class PreprocessRecords:
@@ -162,7 +191,7 @@ def shuffle_seed(cfg: VEmbedConfig | Mapping[str, Any]) -> int:
 
 
 def read_record_dataset(path: str | os.PathLike, cfg: VEmbedConfig | Mapping[str, Any]) -> ray.data.Dataset:
-    """Normalised records at ``path`` (file, directory or URI) as a Ray Dataset, schema taken from ``cfg``.
+    """Normalised records at ``path`` (file, directory or URI) as a Ray Dataset, schema and shuffling from ``cfg``.
 
     The layout (number of negatives, labels or not) is fixed from the first record, read here in the driver, so an
     empty data set fails now with :class:`~vembed.data.readers.EmptyDatasetError` rather than inside a worker.
@@ -171,7 +200,8 @@ def read_record_dataset(path: str | os.PathLike, cfg: VEmbedConfig | Mapping[str
     filesystem, files = resolve_record_files(path)
     schema = RecordSchema.from_config(cfg)
     schema = schema.with_layout_of(first_record(path, schema))
-    return ray.data.read_datasource(RecordDatasource(files, schema, filesystem=filesystem))
+    seed = shuffle_seed(cfg) if cfg.shuffle else None
+    return ray.data.read_datasource(RecordDatasource(files, schema, shuffle_seed=seed, filesystem=filesystem))
 
 
 def build_train_dataset(
@@ -194,10 +224,7 @@ def build_train_dataset(
     to their longest text.
     """
     cfg = as_config(cfg)
-    ds = read_record_dataset(path, cfg)
-    if cfg.shuffle:
-        ds = ds.random_shuffle(seed=shuffle_seed(cfg))
-    ds = ds.map_batches(
+    ds = read_record_dataset(path, cfg).map_batches(
         PreprocessRecords,
         fn_constructor_kwargs={
             "preprocessor": preprocessor,

@@ -1,0 +1,131 @@
+"""The Ray Data training pipeline on a real local Ray: batch layout, equal sizes, bad records, order, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vembed.data.batching import build_batch
+from vembed.data.pipeline import BadRecordCounter, build_train_dataset, iter_train_batches
+from vembed.data.processing import Preprocessor
+from vembed.data.readers import EmptyDatasetError, read_records
+from vembed.data.records import RecordError, RecordSchema
+from vembed.testing import make_shapes_dataset
+
+
+@pytest.fixture(scope="module")
+def clip_pre(tiny_clip_dir) -> Preprocessor:
+    return Preprocessor.from_pretrained(tiny_clip_dir)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def t2i_with_bad_records(tmp_path_factory) -> tuple[Path, int, int]:
+    """22 good t2i records (1 negative each) with 3 bad ones mixed in: (path, good, bad)."""
+    root = tmp_path_factory.mktemp("pipeline_t2i")
+    paths = make_shapes_dataset(root, num_train=22, num_val=0, num_test=0, num_negatives=1)
+    records = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    (root / "notes.jpg").write_text("not an image")
+    (root / "truncated.jpg").write_bytes(Path(records[0]["positive"]).read_bytes()[:150])
+    for i, image in enumerate(["missing.jpg", "notes.jpg", "truncated.jpg"]):
+        records.insert(5 + 7 * i, {**records[i], "id": f"bad-{i}", "positive": str(root / image)})
+    return write_jsonl(root / "mixed.jsonl", records), 22, 3
+
+
+def reported(failure: pytest.ExceptionInfo) -> str:
+    """What the user sees: the whole chain Ray raises (the worker's exception is the cause of Ray's wrapper)."""
+    return "".join(traceback.format_exception(failure.value))
+
+
+def rows_of(batches: list[dict[str, torch.Tensor]]) -> list[tuple]:
+    """Each row as (label, real query tokens): identifies a record independently of padding."""
+    return [
+        (int(label), tuple(ids[mask.bool()].tolist()))
+        for b in batches
+        for label, ids, mask in zip(b["labels"], b["query_input_ids"], b["query_attention_mask"], strict=True)
+    ]
+
+
+@pytest.mark.ray
+def test_equal_batches_bad_records_counted_and_seeded_epoch_order(ray_local, t2i_with_bad_records, clip_pre):
+    path, good, num_bad = t2i_with_bad_records
+    counter = BadRecordCounter()
+    cfg = {"retrieval_mode": "t2i", "shuffle": True, "shuffle_seed": 3}
+    ds = build_train_dataset(path, clip_pre, cfg, bad_records=counter)
+
+    epoch0 = list(iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=0))
+    assert len(epoch0) == good // 4  # 22 good rows -> 5 full batches, the partial one dropped
+    for batch in epoch0:
+        assert set(batch) == {
+            "query_input_ids",
+            "query_attention_mask",
+            "positive_pixel_values",
+            "negative_pixel_values",
+            "labels",
+        }
+        assert batch["positive_pixel_values"].shape == (4, 3, 32, 32)
+        assert batch["negative_pixel_values"].shape == (4, 1, 3, 32, 32)
+        assert batch["query_input_ids"].shape == batch["query_attention_mask"].shape
+        assert batch["query_input_ids"].shape[0] == 4
+        assert batch["query_attention_mask"][:, -1].any()  # padded to this batch's longest text, not max_length
+    assert counter.total() == num_bad
+    assert sorted(b.record_id for b in counter.examples()) == ["bad-0", "bad-1", "bad-2"]
+    assert all(str(path) in b.source for b in counter.examples())
+
+    again = list(iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=0))
+    epoch1 = list(iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=1))
+    assert rows_of(again) == rows_of(epoch0)  # same seed and epoch: same order
+    assert rows_of(epoch1) != rows_of(epoch0)  # next epoch: reshuffled
+    assert counter.total() == 3 * num_bad  # every epoch re-reads, and re-counts, the bad records
+
+
+@pytest.mark.ray
+def test_rows_are_exactly_what_build_batch_makes(ray_local, tmp_path, clip_pre):
+    """Without shuffling, pipeline batch i == build_batch(records of batch i): one preprocessing path."""
+    paths = make_shapes_dataset(tmp_path, num_train=9, num_val=0, num_test=0, mode="m2t", num_negatives=2)
+    cfg = {"retrieval_mode": "m2t", "shuffle": False}
+    batches = list(iter_train_batches(build_train_dataset(paths["train"], clip_pre, cfg), batch_size=3, cfg=cfg))
+    records, _ = read_records(paths["train"], RecordSchema("m2t"))
+    assert len(batches) == 3
+    for i, batch in enumerate(batches):
+        expected, _ = build_batch(records[3 * i : 3 * i + 3], clip_pre, "m2t")
+        assert set(batch) == set(expected)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(batch[key].numpy(), value, err_msg=f"batch {i} {key}")
+
+
+@pytest.mark.ray
+def test_fail_policy_and_malformed_lines_fail_the_job_clearly(ray_local, t2i_with_bad_records, tmp_path, clip_pre):
+    path, _, _ = t2i_with_bad_records
+    cfg = {"retrieval_mode": "t2i", "on_bad_record": "fail", "shuffle": False}
+    with pytest.raises(Exception) as failure:
+        list(iter_train_batches(build_train_dataset(path, clip_pre, cfg), batch_size=4, cfg=cfg))
+    assert re.search(r"BadRecordError: bad record 'bad-0' at .*mixed.jsonl:line 6: .*missing.jpg", reported(failure))
+
+    lines = path.read_text().splitlines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join([*lines[:3], '{"query": "a cat", "positive": ', *lines[3:6]]) + "\n")
+    with pytest.raises(Exception) as failure:
+        list(iter_train_batches(build_train_dataset(broken, clip_pre, cfg), batch_size=4, cfg=cfg))
+    assert f"RecordFileError: {broken}:line 4: malformed JSON" in reported(failure)
+
+
+@pytest.mark.unit
+def test_empty_or_misconfigured_data_fails_before_any_worker_starts(tmp_path, clip_pre):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(EmptyDatasetError, match="empty"):
+        build_train_dataset(empty, clip_pre, {})
+    wrong_mode = write_jsonl(tmp_path / "captions.jsonl", [{"caption": "a cat", "image": "/a.jpg"}])
+    with pytest.raises(RecordError, match="missing field 'query'.*column_mapping"):
+        build_train_dataset(wrong_mode, clip_pre, {"retrieval_mode": "t2i"})
