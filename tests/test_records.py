@@ -23,7 +23,6 @@ from vembed.data.records import (
     RecordError,
     RecordSchema,
     normalize_records,
-    resolve_image_path,
     role_modalities,
 )
 
@@ -155,12 +154,16 @@ def test_column_mapping_errors():
         RecordSchema("t2i", {"caption": "query"}).normalize({**t2i(0), "caption": "x"}, "d:line 1")
 
 
-def test_image_root_resolves_relative_paths_only():
-    assert resolve_image_path("a/b.jpg", "/data") == "/data/a/b.jpg"
-    assert resolve_image_path("/abs/b.jpg", "/data") == "/abs/b.jpg"
-    assert resolve_image_path("s3://bucket/b.jpg", "/data") == "s3://bucket/b.jpg"
-    assert resolve_image_path("a/b.jpg", "s3://bucket/imgs/") == "s3://bucket/imgs/a/b.jpg"
-    assert resolve_image_path("a/b.jpg", None) == "a/b.jpg"
+def test_image_root_resolves_relative_paths_only(tmp_path, monkeypatch):
+    rec = {"query": "q", "positive": "a/b.jpg", "negatives": ["/abs/c.jpg", "s3://bucket/d.jpg"]}
+    local = RecordSchema("t2i", image_root="/data").normalize(rec, "d:line 1")
+    assert (local["positive"], local["negatives"]) == ("/data/a/b.jpg", ["/abs/c.jpg", "s3://bucket/d.jpg"])
+    remote = RecordSchema("t2i", image_root="s3://bucket/imgs/").normalize(rec, "d:line 1")
+    assert remote["positive"] == "s3://bucket/imgs/a/b.jpg"
+    monkeypatch.chdir(tmp_path)
+    relative_root = RecordSchema("t2i", image_root="imgs").normalize(rec, "d:line 1")
+    assert relative_root["positive"] == str(tmp_path / "imgs" / "a" / "b.jpg")
+    assert RecordSchema("t2i").normalize(rec, "d:line 1")["positive"] == "a/b.jpg"
 
 
 # -- readers -----------------------------------------------------------------------------------------------------------

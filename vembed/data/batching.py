@@ -113,19 +113,18 @@ def build_batch(
 def _load_record(rec: Mapping[str, Any], roles: Mapping[str, frozenset[str]], with_negatives: bool) -> _Loaded:
     """Check texts and decode images of one normalised record; raises BadRecordError on the first problem."""
     negatives = rec["negatives"] if with_negatives else []
-    query_image = _image(rec["query_image"], "query image") if "image" in roles["query"] else None
-    positive_is_text = "text" in roles["positive"]
-    return _Loaded(
-        query_text=_text(rec["query"], "query") if "text" in roles["query"] else None,
-        query_image=query_image,
-        positive_text=_text(rec["positive"], "positive") if positive_is_text else None,
-        positive_image=None if positive_is_text else _image(rec["positive"], "positive image"),
-        negative_texts=[_text(t, f"negatives[{i}]") for i, t in enumerate(negatives)] if positive_is_text else [],
-        negative_images=[]
-        if positive_is_text
-        else [_image(p, f"negatives[{i}] image") for i, p in enumerate(negatives)],
-        label=rec["label"],
-    )
+    loaded = _Loaded(None, None, None, None, [], [], rec["label"])
+    if "text" in roles["query"]:
+        loaded.query_text = _text(rec["query"], "query")
+    if "image" in roles["query"]:
+        loaded.query_image = _image(rec["query_image"], "query image")
+    if "text" in roles["positive"]:
+        loaded.positive_text = _text(rec["positive"], "positive")
+        loaded.negative_texts = [_text(t, f"negatives[{i}]") for i, t in enumerate(negatives)]
+    else:
+        loaded.positive_image = _image(rec["positive"], "positive image")
+        loaded.negative_images = [_image(p, f"negatives[{i}] image") for i, p in enumerate(negatives)]
+    return loaded
 
 
 def _text(value: str, what: str) -> str:

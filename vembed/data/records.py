@@ -37,6 +37,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vembed.data.images import resolve_location
+
 RETRIEVAL_MODES: tuple[str, ...] = ("t2i", "i2i", "i2t", "t2t", "m2i", "m2t")
 ROLES: tuple[str, ...] = ("query", "positive", "negative")
 SCHEMA_FIELDS: tuple[str, ...] = ("id", "query", "query_image", "positive", "negatives", "label")
@@ -73,18 +75,6 @@ def role_modalities(mode: str) -> dict[str, frozenset[str]]:
     return {"query": roles["query"], "positive": roles["positive"], "negative": roles["positive"]}
 
 
-def resolve_image_path(path: str, image_root: str | None) -> str:
-    """``path`` itself when absolute or a URI, else ``path`` joined to ``image_root`` (absolute for local roots).
-
-    Resolving to an absolute path makes the function idempotent, so a record can pass through it twice.
-    """
-    if "://" in path or os.path.isabs(path) or not image_root:
-        return path
-    if "://" in image_root:
-        return f"{image_root.rstrip('/')}/{path.lstrip('/')}"
-    return os.path.abspath(os.path.join(image_root, path))
-
-
 @dataclass(frozen=True)
 class RecordSchema:
     """How raw records of one data set become normalised records (see the module docstring).
@@ -109,6 +99,9 @@ class RecordSchema:
                     f"map columns to one of {', '.join(SCHEMA_FIELDS)}"
                 )
         object.__setattr__(self, "column_mapping", dict(self.column_mapping))
+        if self.image_root and "://" not in self.image_root:
+            # absolute, so resolved paths are absolute and normalising a record twice changes nothing
+            object.__setattr__(self, "image_root", os.path.abspath(os.path.expanduser(self.image_root)))
 
     @classmethod
     def from_config(cls, cfg: Any) -> RecordSchema:
@@ -173,7 +166,7 @@ class RecordSchema:
 
     def _image(self, rec: Mapping[str, Any], key: str, where: str, required: bool, role: str) -> str | None:
         value = _string(rec, key, where, required=required, role=role)
-        return resolve_image_path(value, self.image_root) if value else value
+        return resolve_location(value, self.image_root) if value else value
 
     def _negatives(self, value: Any, are_images: bool, where: str) -> list[str]:
         if not _present(value):
@@ -192,7 +185,7 @@ class RecordSchema:
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise RecordError(f"{where}: negatives[{i}] must be a string, got {type(item).__name__}")
-            out.append(resolve_image_path(item, self.image_root) if are_images else item)
+            out.append(resolve_location(item, self.image_root) if are_images and item else item)
         return out
 
     def _check_layout(self, rec: Mapping[str, Any], where: str) -> None:
