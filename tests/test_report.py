@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vembed.evaluation.report import write_report
+from vembed.evaluation.report import render_markdown, write_report
 
 pytestmark = pytest.mark.unit
 
@@ -47,6 +47,11 @@ def test_baseline_deltas_in_points(tmp_path) -> None:
     assert rows["recall@5"] == ["81.25", "81.00", "-0.25"]
     assert rows["map"] == ["50.00", "50.00", "+0.00"]
     assert rows["num_queries"] == ["100", "100", ""]
+
+
+def test_render_markdown_is_the_written_table(tmp_path) -> None:
+    written = write_report(MODEL, tmp_path, baseline=BASE, names=("zero-shot", "fine-tuned"))
+    assert render_markdown(MODEL, BASE, names=("zero-shot", "fine-tuned")) == written["markdown"].read_text()
 
 
 def test_metric_missing_on_one_side_is_shown_without_delta(tmp_path) -> None:

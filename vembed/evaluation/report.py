@@ -114,6 +114,28 @@ def _jsonable(metrics: Metrics | None) -> dict | None:
     return {str(k): (_jsonable(v) if isinstance(v, Mapping) else v) for k, v in metrics.items()}
 
 
+def _checked(metrics: Metrics, baseline: Metrics | None, names: tuple[str, str]) -> tuple[dict, dict | None]:
+    """Validated sections of ``metrics`` and ``baseline`` (same shape) and the two column names."""
+    sections = _sections(metrics, "metrics")
+    base_sections = None if baseline is None else _sections(baseline, "baseline")
+    if base_sections is not None and (None in sections) != (None in base_sections):
+        raise ValueError("metrics and baseline must both be flat {name: value} or both per dim {dim: {name: value}}")
+    if len(names) != 2 or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"names must be two non-empty strings (baseline, model), got {names!r}")
+    return sections, base_sections
+
+
+def render_markdown(
+    metrics: Metrics,
+    baseline: Metrics | None = None,
+    names: tuple[str, str] = ("baseline", "model"),
+    title: str = "Retrieval evaluation",
+) -> str:
+    """The Markdown table that :func:`write_report` writes to ``metrics.md`` (e.g. to print it)."""
+    sections, base_sections = _checked(metrics, baseline, names)
+    return _markdown(sections, base_sections, names, title)
+
+
 def write_report(
     metrics: Metrics,
     out_dir: str | Path,
@@ -128,12 +150,7 @@ def write_report(
     Returns ``{"json": path, "markdown": path}`` plus ``"png": path`` only when the plot was written
     (matplotlib missing, or no ``recall@K`` keys, means no PNG).
     """
-    sections = _sections(metrics, "metrics")
-    base_sections = None if baseline is None else _sections(baseline, "baseline")
-    if base_sections is not None and (None in sections) != (None in base_sections):
-        raise ValueError("metrics and baseline must both be flat {name: value} or both per dim {dim: {name: value}}")
-    if len(names) != 2 or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"names must be two non-empty strings (baseline, model), got {names!r}")
+    sections, base_sections = _checked(metrics, baseline, names)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     deltas = None
