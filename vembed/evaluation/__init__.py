@@ -12,7 +12,7 @@ from vembed.evaluation.metrics import (
     relevant_ranks,
     retrieval_metrics,
 )
-from vembed.evaluation.report import write_report
+from vembed.evaluation.report import render_markdown, write_report
 from vembed.evaluation.search import maxsim_scores, maxsim_topk, search_topk
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "metrics_from_ranks",
     "metrics_per_dim",
     "relevant_ranks",
+    "render_markdown",
     "retrieval_metrics",
     "search_topk",
     "write_report",
