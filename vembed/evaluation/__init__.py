@@ -1,30 +1,38 @@
-"""Evaluation numerics: exact chunked search, retrieval metrics and reports.
+"""Evaluation: exact chunked search, retrieval metrics, evaluators and reports.
 
-Import-light on purpose (torch and numpy only; no Ray, no model code) so that training-time validation
-and the evaluators share one implementation of every metric.
+The numerics (:mod:`~vembed.evaluation.metrics`, :mod:`~vembed.evaluation.search`) use torch and numpy only (no Ray,
+no model code), so training-time validation and the evaluators share one implementation of every metric. Names load
+on first use, so importing ``vembed.evaluation.cli`` (for ``vembed --help``) does not import torch.
 """
 
-from vembed.evaluation.metrics import (
-    LabelRelevance,
-    ListRelevance,
-    metrics_from_ranks,
-    metrics_per_dim,
-    relevant_ranks,
-    retrieval_metrics,
-)
-from vembed.evaluation.report import render_markdown, write_report
-from vembed.evaluation.search import maxsim_scores, maxsim_topk, search_topk
+from __future__ import annotations
 
-__all__ = [
-    "LabelRelevance",
-    "ListRelevance",
-    "maxsim_scores",
-    "maxsim_topk",
-    "metrics_from_ranks",
-    "metrics_per_dim",
-    "relevant_ranks",
-    "render_markdown",
-    "retrieval_metrics",
-    "search_topk",
-    "write_report",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LabelRelevance": "vembed.evaluation.metrics",
+    "ListRelevance": "vembed.evaluation.metrics",
+    "metrics_from_ranks": "vembed.evaluation.metrics",
+    "metrics_per_dim": "vembed.evaluation.metrics",
+    "relevant_ranks": "vembed.evaluation.metrics",
+    "retrieval_metrics": "vembed.evaluation.metrics",
+    "maxsim_scores": "vembed.evaluation.search",
+    "maxsim_topk": "vembed.evaluation.search",
+    "search_topk": "vembed.evaluation.search",
+    "write_report": "vembed.evaluation.report",
+    "render_markdown": "vembed.evaluation.report",
+    "EvalSet": "vembed.evaluation.evalset",
+    "load_eval_set": "vembed.evaluation.evalset",
+    "evaluate_predictor": "vembed.evaluation.evaluator",
+    "evaluate_model_path": "vembed.evaluation.evaluator",
+    "evaluate_with_ray": "vembed.evaluation.embedded",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vembed.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
