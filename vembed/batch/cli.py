@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)",
     )
+    parser.add_argument(
+        "--max-decoders",
+        type=_positive_int,
+        default=None,
+        help="most image decode workers, 1 CPU each (default: the CPUs the model actors leave free)",
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model compute dtype")
     parser.add_argument("--dim", type=_positive_int, default=None, help="Matryoshka dimension (default: full size)")
     parser.add_argument("--format", choices=FORMATS, default="float32", help="stored embedding dtype")
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         min_actors=args.min_actors,
         max_actors=args.max_actors,
         num_gpus_per_actor=args.num_gpus_per_actor,
+        max_decoders=args.max_decoders,
         dtype=args.dtype,
         dim=args.dim,
         format=args.format,

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from vembed.batch.options import DTYPES, FORMATS, MODALITIES
-from vembed.batch.pipeline import ActorPool, build_dataset
+from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset
 from vembed.batch.shards import Shard, ShardAssembler, plan_shards
 from vembed.batch.sources import Corpus, load_corpus
 from vembed.batch.writer import EMBEDDINGS_DIR, ERRORS_DIR, OutputStore, embeddings_table, errors_table
@@ -53,6 +53,7 @@ def embed_corpus(
     min_actors: int | None = None,
     max_actors: int | None = None,
     num_gpus_per_actor: float | None = None,
+    max_decoders: int | None = None,
     dtype: str = "float32",
     dim: int | None = None,
     format: str = "float32",
@@ -72,6 +73,7 @@ def embed_corpus(
         num_actors: a fixed pool of model actors; or ``min_actors``/``max_actors`` for an autoscaling one
             (default: 1 up to one per GPU, or half the CPUs on a CPU-only cluster).
         num_gpus_per_actor: GPUs each model actor holds (default: 1 when the cluster has GPUs, else 0).
+        max_decoders: most image decode workers (1 CPU each; default: the CPUs the model actors leave free).
         dtype: model compute dtype; ``dim``: Matryoshka dimension (None: full size).
         format: stored embedding dtype, ``"float32"`` or ``"float16"``.
         overwrite: delete earlier output of this layout in ``output`` and start over. Without it, a rerun of the
@@ -112,7 +114,9 @@ def embed_corpus(
 
     rows = written = 0
     if pending:
-        pool = resolve_actor_pool(num_actors, min_actors, max_actors, num_gpus_per_actor, _cluster_resources())
+        pool = resolve_actor_pool(
+            num_actors, min_actors, max_actors, num_gpus_per_actor, max_decoders, _cluster_resources()
+        )
         dataset = build_dataset(
             _pending_items(corpus, pending), modality, model["model_path"], pool, batch_size, dtype, dim
         )
@@ -203,12 +207,13 @@ def resolve_actor_pool(
     min_actors: int | None,
     max_actors: int | None,
     num_gpus_per_actor: float | None,
+    max_decoders: int | None,
     cluster: dict[str, float],
 ) -> ActorPool:
-    """The model actor pool for a cluster with ``cluster`` resources (``{"CPU": n, "GPU": m}``).
+    """The actor pools for a cluster with ``cluster`` resources (``{"CPU": n, "GPU": m}``).
 
-    Defaults: one GPU per actor where the cluster has GPUs, an autoscaling pool from 1 actor up to one per GPU; on a
-    CPU-only cluster up to half the CPUs (the other half decode).
+    Defaults: one GPU per model actor where the cluster has GPUs, an autoscaling pool from 1 actor up to one per
+    GPU; on a CPU-only cluster up to half the CPUs. Decode workers scale up to the CPUs the model actors leave.
     """
     gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
     per_actor = num_gpus_per_actor if num_gpus_per_actor is not None else (1.0 if gpus > 0 else 0.0)
@@ -217,10 +222,13 @@ def resolve_actor_pool(
             "each actor asks for %s GPUs but the cluster has %s now; actors wait for GPU nodes", per_actor, gpus
         )
     if num_actors is not None:
-        return ActorPool(num_actors, num_actors, per_actor)
-    capacity = int(gpus // per_actor) if per_actor > 0 else int(cpus // 2)
-    low = min_actors or 1
-    return ActorPool(low, max_actors or max(low, capacity), per_actor)
+        low = high = num_actors
+    else:
+        low = min_actors or 1
+        capacity = int(gpus // per_actor) if per_actor > 0 else int(cpus // 2)
+        high = max_actors or max(low, capacity)
+    decoders = max_decoders or max(1, int(cpus - high * ACTOR_CPUS))
+    return ActorPool(low, high, per_actor, decoders)
 
 
 def _check_options(

@@ -5,83 +5,82 @@ that cannot be embedded (missing or unreadable file, non-image bytes, empty text
 set, so the driver still sees every row of a shard and knows when the shard is complete; the model skips such rows.
 
 Images are read and decoded with :mod:`vembed.data.images` and resized/normalised by the model's
-:class:`~vembed.data.processing.Preprocessor` in CPU tasks, then :class:`Embedder` actors (one model each, on an
-autoscaling ``ActorPoolStrategy``, a GPU each where the cluster has them) call the Predictor's
-``encode_pixel_values``: the vectors are the Predictor's own maths. Texts need no decode stage: the actors call
-``encode_text`` (tokenising is microseconds per text, and it keeps the Predictor's exact truncation length).
+:class:`~vembed.data.processing.Preprocessor` in :class:`Decoder` CPU workers, then :class:`Embedder` actors (one
+model each, a GPU each where the cluster has them) call the Predictor's ``encode_pixel_values``: the vectors are the
+Predictor's own maths. Texts need no decode stage: the actors call ``encode_text`` (tokenising is microseconds per
+text, and it keeps the Predictor's exact truncation length).
+
+Both stages run on autoscaling ``ActorPoolStrategy`` pools. The decode pool is an actor pool, not stateless tasks,
+for two reasons: Ray Data never fuses an actor stage into the next actor stage, so decoding always overlaps
+inference (a task stage with the same resources as the model actors is fused into them, ray-project/ray#54433);
+and each decode worker builds its Preprocessor once and imports torch/transformers once, in a bounded number of
+processes, instead of unpickling the processor into every task.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from vembed.data.images import decode_image, read_bytes
 
-if TYPE_CHECKING:
-    from vembed.data.processing import Preprocessor
-
-# CPU reservation of one decode task. It must differ from the model actors' reservation, or Ray Data fuses the
-# two stages into the actors (ray-project/ray#54433) and decoding stops overlapping inference; half a CPU also
-# suits a stage that partly waits on storage.
-DECODE_TASK_CPUS = 0.5
-ACTOR_CPUS = 1.0
+ACTOR_CPUS = 1.0  # CPU reservation of every actor, decode and model alike
 
 
 @dataclass(frozen=True)
 class ActorPool:
-    """How many model actors run, and the GPUs each one holds (0 = CPU inference)."""
+    """How many model actors run (``min_size``..``max_size``), the GPUs each one holds (0 = CPU inference), and
+    the most decode workers feeding them (they scale from one up)."""
 
     min_size: int
     max_size: int
     num_gpus: float
+    max_decoders: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_size <= self.max_size:
             raise ValueError(f"actor pool needs 1 <= min_actors <= max_actors, got {self.min_size}, {self.max_size}")
         if self.num_gpus < 0:
             raise ValueError(f"num_gpus_per_actor must be >= 0, got {self.num_gpus}")
+        if self.max_decoders < 1:
+            raise ValueError(f"max_decoders must be >= 1, got {self.max_decoders}")
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+class Decoder:
+    """Ray Data CPU actor: image sources -> ``pixel_values`` float32 ``[N, 3, H, W]``, ``error`` set for bad rows.
 
-
-def decode_and_preprocess(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> dict[str, np.ndarray]:
-    """CPU task: image sources -> ``pixel_values`` float32 ``[N, 3, H, W]``, with ``error`` set for bad rows.
-
-    A bad row's pixels are zeros (the model never sees them: :class:`Embedder` skips rows with an error).
+    A bad row's pixels are zeros, which the model never sees (:class:`Embedder` skips rows with an error).
     """
-    sources = batch["source"]
-    errors = np.full(len(sources), "", dtype=object)
-    images: list[Any] = []
-    good: list[int] = []
-    for i, source in enumerate(sources):
-        if source is None or source == "":
-            errors[i] = "missing image path"
-            continue
-        try:
-            images.append(decode_image(read_bytes(source), source))
-        except (OSError, ValueError) as exc:  # FileNotFoundError, storage errors, BadImageError
-            errors[i] = _describe(exc)
-            continue
-        good.append(i)
-    pixels = preprocessor.process_images(images) if images else None
-    shape = pixels.shape[1:] if pixels is not None else _pixel_shape(preprocessor)
-    pixel_values = np.zeros((len(sources), *shape), dtype=np.float32)
-    if pixels is not None:
-        pixel_values[good] = pixels
-    return {**_carried(batch), "error": errors, "pixel_values": pixel_values}
 
+    def __init__(self, model_path: str) -> None:
+        from vembed.data.processing import Preprocessor
 
-def _pixel_shape(preprocessor: Preprocessor) -> tuple[int, ...]:
-    """The ``[3, H, W]`` shape this preprocessor produces (for a batch in which every image was bad)."""
-    from PIL import Image
+        self.preprocessor = Preprocessor.from_pretrained(model_path)
+        self.pixel_shape = self.preprocessor.process_images([Image.new("RGB", (8, 8))]).shape[1:]
 
-    return preprocessor.process_images([Image.new("RGB", (8, 8))]).shape[1:]
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sources = batch["source"]
+        errors = np.full(len(sources), "", dtype=object)
+        images: list[Image.Image] = []
+        good: list[int] = []
+        for i, source in enumerate(sources):
+            if source is None or source == "":
+                errors[i] = "missing image path"
+                continue
+            try:
+                images.append(decode_image(read_bytes(source), source))
+            except (OSError, ValueError) as exc:  # FileNotFoundError, storage errors, BadImageError
+                errors[i] = f"{type(exc).__name__}: {exc}"
+                continue
+            good.append(i)
+        pixel_values = np.zeros((len(sources), *self.pixel_shape), dtype=np.float32)
+        if images:
+            pixel_values[good] = self.preprocessor.process_images(images)
+        return {**_carried(batch), "error": errors, "pixel_values": pixel_values}
 
 
 def check_texts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,24 +132,20 @@ def build_dataset(
     """The streaming dataset of embedded rows for ``items`` (columns ``position``, ``id``, ``source``)."""
     import ray
 
-    # One input block per model batch, so decode tasks spread over the cluster from the first row.
+    # One input block per model batch, so decoding spreads over the decode workers from the first row.
     blocks = [items.slice(start, batch_size) for start in range(0, items.num_rows, batch_size)]
     dataset = ray.data.from_arrow(blocks)
     if modality == "image":
-        from vembed.data.processing import Preprocessor
-
-        preprocessor = Preprocessor.from_pretrained(model_path)
         dataset = dataset.map_batches(
-            decode_and_preprocess,
-            fn_kwargs={"preprocessor": preprocessor},
+            Decoder,
+            fn_constructor_kwargs={"model_path": model_path},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_decoders),
             batch_size=batch_size,
             batch_format="numpy",
-            num_cpus=DECODE_TASK_CPUS,
+            num_cpus=ACTOR_CPUS,
         )
     else:
-        dataset = dataset.map_batches(
-            check_texts, batch_size=batch_size, batch_format="numpy", num_cpus=DECODE_TASK_CPUS
-        )
+        dataset = dataset.map_batches(check_texts, batch_size=batch_size, batch_format="numpy")
     return dataset.map_batches(
         Embedder,
         fn_constructor_kwargs={

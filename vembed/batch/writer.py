@@ -54,7 +54,11 @@ def embeddings_table(ids: np.ndarray, sources: np.ndarray, vectors: np.ndarray, 
 
 def errors_table(ids: np.ndarray, sources: np.ndarray, messages: np.ndarray) -> pa.Table:
     return pa.table(
-        {"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string()), "error": pa.array(messages)},
+        {
+            "id": pa.array(ids, pa.string()),
+            "source": pa.array(sources, pa.string()),
+            "error": pa.array(messages, pa.string()),
+        },
         schema=ERRORS_SCHEMA,
     )
 
