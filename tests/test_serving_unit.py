@@ -367,3 +367,16 @@ def test_token_window_truncates_or_rejects(service_factory):
     with pytest.raises(APIError) as info:
         truncating.check_dimensions(truncating.predictor.model_info["full_dim"] + 1)
     assert _status(info) == (400, "invalid_value")
+
+
+def test_single_modality_models_refuse_the_other(tiny_bert_dir, tiny_vit_dir):
+    from vembed.serving.service import EmbeddingService
+
+    text_only = EmbeddingService(ServeArgs(model=str(tiny_bert_dir), api_key_env=None))
+    image_only = EmbeddingService(ServeArgs(model=str(tiny_vit_dir), api_key_env=None))
+    with pytest.raises(APIError) as info:
+        text_only.check_modalities(texts=False, images=True, param="input[1].image")
+    assert _status(info) == (400, "unsupported_input") and info.value.param == "input[1].image"
+    with pytest.raises(APIError) as info:
+        image_only.count_tokens(["a red circle"], "input")
+    assert _status(info) == (400, "unsupported_input")

@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from vembed.serving import schemas
 from vembed.serving.errors import APIError, install_error_handlers, validation_error
 from vembed.serving.limits import BodySizeLimit, check_item_count, check_model, check_texts
 from vembed.serving.schemas import (
@@ -88,7 +89,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
     app = FastAPI(
         title="vembed",
         summary="Text and image embeddings (OpenAI-compatible /v1/embeddings) served by Ray Serve",
-        description=__doc__.split("\n\n", 1)[1],
+        description=schemas.__doc__,
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=args.max_request_bytes)
@@ -240,14 +241,14 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
 
     @app.get("/ready", response_model=ReadyResponse, tags=["probes"], responses={503: {"model": ErrorResponse}})
     async def ready() -> ReadyResponse:
-        """Readiness: a probe text goes through the batch queue and the model."""
+        """Readiness: a probe input goes through the batch queue and the model."""
         try:
-            vectors = await service.embed_texts(["ready"])
+            width = await service.probe()
         except APIError:
             raise
         except Exception as exc:  # the model cannot encode: not ready, but the replica stays up
             raise APIError(503, f"model is not ready: {exc}", code="not_ready") from exc
-        return ReadyResponse(model=service.model_name, embedding_dim=int(vectors.shape[1]))
+        return ReadyResponse(model=service.model_name, embedding_dim=width)
 
     app.include_router(api)
     return app

@@ -115,6 +115,12 @@ class EmbeddingService:
         )
         return np.stack(rows)
 
+    async def probe(self) -> int:
+        """Encode one tiny input of a modality the model has, through its batch queue; returns the vector width."""
+        if self.predictor.preprocessor.has_text:
+            return int((await self.embed_texts(["ready"])).shape[1])
+        return int((await self.embed_images([Image.new("RGB", (8, 8))])).shape[1])
+
     async def similarity(self, **kwargs: Any) -> np.ndarray:
         """The Predictor's own ``similarity`` (not batched across requests), in a worker thread.
 
