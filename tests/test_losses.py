@@ -263,6 +263,18 @@ def test_maxsim_respects_padding_and_matches_loop_reference(negatives_kind):
     assert value.item() == pytest.approx(expected / B, rel=1e-9)
 
 
+def test_maxsim_reads_masks_from_outputs_and_single_vector_losses_ignore_them():
+    q, p = unit(B, 3, D, seed=0), unit(B, 4, D, seed=1)
+    q_mask, p_mask = torch.ones(B, 3, dtype=torch.bool), torch.ones(B, 4, dtype=torch.bool)
+    q_mask[:, 2], p_mask[0, 1:] = False, False
+    outputs = {"query": q, "positive": p, "query_mask": q_mask, "positive_mask": p_mask}
+    by_tensors = MaxSimLoss()(q, p, query_mask=q_mask, positive_mask=p_mask)
+    assert MaxSimLoss()(outputs, {}).item() == pytest.approx(by_tensors.item(), rel=1e-12)
+    assert MaxSimLoss()(outputs, {}).item() != pytest.approx(MaxSimLoss()(q, p).item(), rel=1e-6)
+    pooled = {"query": q[:, 0], "positive": p[:, 0], "query_mask": q_mask}
+    assert InfoNCELoss()(pooled, {}).item() == pytest.approx(InfoNCELoss()(q[:, 0], p[:, 0]).item(), rel=1e-12)
+
+
 def test_maxsim_rejects_single_vector_and_fully_masked_items():
     with pytest.raises(ValueError, match=r"multi-vector \[B, L, D\]"):
         MaxSimLoss()(unit(B, D, seed=0), unit(B, D, seed=1))
@@ -421,6 +433,11 @@ def test_register_a_custom_loss_by_name():
         (lambda: InfoNCELoss()(torch.randn(4, 8), torch.randn(4, 8), labels=torch.rand(4)), TypeError, "class ids"),
         (lambda: InfoNCELoss()(torch.randint(0, 3, (4, 8)), torch.randn(4, 8)), TypeError, "floating-point"),
         (lambda: InfoNCELoss()({"query": torch.randn(4, 8)}, {}), ValueError, r"lack \['positive'\]"),
+        (
+            lambda: InfoNCELoss()(torch.randn(4, 8), torch.randn(4, 8), query_mask=torch.ones(4)),
+            ValueError,
+            "only apply to multi-vector",
+        ),
         (lambda: InfoNCELoss(temperature=0.0), ValueError, "temperature must be > 0"),
         (lambda: InfoNCELoss(temperature=500.0, learnable_temperature=True), ValueError, "learnable temperature"),
     ],
@@ -435,6 +452,7 @@ def test_register_a_custom_loss_by_name():
         "float-labels",
         "int-embeddings",
         "missing-role",
+        "mask-on-single-vector",
         "zero-temperature",
         "temperature-range",
     ],

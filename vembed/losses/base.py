@@ -21,7 +21,7 @@ Subclasses implement :meth:`EmbeddingLoss.compute` on a validated :class:`LossIn
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from vembed.config import VEmbedConfig
 
-ROLE_KEYS = ("query", "positive", "negatives", "query_mask", "positive_mask", "negative_mask")
+EMBEDDING_KEYS = ("query", "positive", "negatives")
+MASK_KEYS = ("query_mask", "positive_mask", "negative_mask")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class LossInputs:
         """True for ``[B, K, ...]`` negatives (one set per query), False for shared ``[K, ...]``."""
         return self.negatives is not None and self.negatives.dim() == self.query.dim() + 1
 
-    def with_embeddings(self, transform: Any) -> LossInputs:
+    def with_embeddings(self, transform: Callable[[Tensor], Tensor]) -> LossInputs:
         """A copy with ``transform`` applied to query, positive and negatives (masks, labels, extras kept)."""
         negatives = None if self.negatives is None else transform(self.negatives)
         return replace(self, query=transform(self.query), positive=transform(self.positive), negatives=negatives)
@@ -66,6 +67,7 @@ def _shape(t: Tensor | None) -> str:
 
 
 def check_embedding(name: str, t: Any) -> Tensor:
+    """``t`` if it is a finite floating-point tensor; otherwise a TypeError/ValueError naming ``name``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"loss input '{name}' must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -108,6 +110,9 @@ def validate_inputs(inputs: LossInputs, *, multi_vector: bool) -> LossInputs:
         if not isinstance(inputs.labels, Tensor) or inputs.labels.shape != (q.shape[0],):
             got = _shape(inputs.labels) if isinstance(inputs.labels, Tensor) else type(inputs.labels).__name__
             raise ValueError(f"labels must be a tensor of shape [{q.shape[0]}] (one per query), got {got}")
+    masks_given = [k for k in MASK_KEYS if getattr(inputs, k) is not None]
+    if masks_given and not multi_vector:
+        raise ValueError(f"token masks {masks_given} only apply to multi-vector losses (e.g. maxsim)")
     for name, mask, emb in (
         ("query_mask", inputs.query_mask, q),
         ("positive_mask", inputs.positive_mask, p),
@@ -177,7 +182,8 @@ class EmbeddingLoss(nn.Module, abc.ABC):
         missing = [k for k in ("query", "positive") if k not in outputs]
         if missing:
             raise ValueError(f"model outputs lack {missing}; got keys {sorted(outputs)}")
-        roles = {k: outputs.get(k) for k in ROLE_KEYS}
+        # single-vector losses ignore any token masks a model returns alongside pooled embeddings
+        roles = {k: outputs.get(k) for k in EMBEDDING_KEYS + (MASK_KEYS if self.multi_vector else ())}
         extra = {k: outputs[k] for k in self.extra_inputs if k in outputs}
         labels = (batch or {}).get("labels")
         return LossInputs(**roles, labels=labels, extra=extra)

@@ -83,7 +83,9 @@ class GradCache:
     (``{"query": [b, D], "positive": [b, D], "negatives": [b, K, D]?, masks?}``) and
     ``loss_fn(outputs, batch)`` the scalar loss of the full batch. :meth:`step` leaves the
     gradients in ``.grad`` exactly as ``loss.backward()`` would and returns the detached loss; the
-    optimizer step, clipping and zeroing stay with the caller.
+    optimizer step, clipping and zeroing stay with the caller. Under DDP the loss's own parameters
+    (e.g. a learnable temperature) are outside the DDP module: follow the step with
+    :func:`vembed.losses.average_gradients` on them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, chunk_size: int) -> None:
