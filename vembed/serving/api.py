@@ -120,13 +120,12 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
         """Embed texts and images (``{"type": "image", "image": "<data URL or base64>"}``) in one list."""
         check_model(body.model, service.model_name)
         dimensions = service.check_dimensions(body.dimensions)
-        single = isinstance(body.input, str)
-        items = [body.input] if single else body.input
+        items = [body.input] if isinstance(body.input, str) else body.input
         check_item_count(len(items), args, "input")
         text_idx = [i for i, item in enumerate(items) if isinstance(item, str)]
         image_idx = [i for i, item in enumerate(items) if isinstance(item, ImageItem)]
         texts = [items[i] for i in text_idx]
-        check_texts(texts, args, "input", offsets=None if single else text_idx)
+        check_texts(texts, args, "input", offsets=text_idx)
         tokens = service.count_tokens(texts, "input", offsets=text_idx) if texts else 0
         images = await decode_images([items[i].image for i in image_idx], [f"input[{i}].image" for i in image_idx])
         vectors = np.empty((len(items), service.output_dim(dimensions)), dtype=np.float32)
@@ -205,7 +204,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
             query_image = (await decode_images([body.query_image], ["query_image"]))[0]
         if kinds == {True}:
             documents: list = await decode_images(
-                [d.image for d in docs], [f"documents[{i}]" for i in range(len(docs))]
+                [d.image for d in docs], [f"documents[{i}].image" for i in range(len(docs))]
             )
             document_type = "image"
         else:

@@ -39,10 +39,16 @@ def check_item_count(count: int, args: ServeArgs, param: str) -> None:
         )
 
 
+def item_param(param: str, i: int, offsets: Optional[Sequence[int]] = None) -> str:
+    """``input[7]``: the request field of the ``i``-th checked item; ``offsets`` maps it to its index in the request
+    when only some items are checked (texts interleaved with images)."""
+    return f"{param}[{offsets[i] if offsets is not None else i}]"
+
+
 def check_texts(texts: Sequence[str], args: ServeArgs, param: str, offsets: Optional[Sequence[int]] = None) -> None:
-    """Every text non-blank and at most ``max_text_chars`` characters; ``offsets`` map texts to request indices."""
+    """Every text non-blank and at most ``max_text_chars`` characters (``offsets``: see :func:`item_param`)."""
     for i, text in enumerate(texts):
-        where = f"{param}[{offsets[i] if offsets is not None else i}]"
+        where = item_param(param, i, offsets)
         if not text.strip():
             raise APIError(
                 400, f"{where} is empty; every text needs a non-space character", param=where, code="empty_input"

@@ -21,6 +21,7 @@ from ray import serve
 
 from vembed.inference import VEmbedFactoryPredictor
 from vembed.serving.errors import APIError
+from vembed.serving.limits import item_param
 from vembed.serving.settings import ServeArgs
 
 T = TypeVar("T")
@@ -91,7 +92,7 @@ class EmbeddingService:
         if self.args.text_overflow == "reject":
             for i, length in enumerate(lengths):
                 if length > window:
-                    where = f"{param}[{offsets[i] if offsets is not None else i}]"
+                    where = item_param(param, i, offsets)
                     raise APIError(
                         413,
                         f"{where} has {length} tokens; the model reads at most {window} (text_overflow=reject)",

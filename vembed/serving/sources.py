@@ -50,10 +50,11 @@ def load_request_image(data: bytes, args: ServeArgs, param: str) -> Image.Image:
         return decode_image(data, source=param, max_pixels=args.max_image_pixels)
     except BadImageError as exc:
         status, code = (413, "image_too_large") if _is_pixel_limit(exc) else (400, "invalid_image")
-        raise APIError(status, f"{param}: {exc}", param=param, code=code) from exc
+        raise APIError(status, str(exc), param=param, code=code) from exc  # the message starts with param
 
 
 def check_image_bytes(size: int, args: ServeArgs, param: str) -> None:
+    """413 when an encoded image is larger than ``max_image_bytes``."""
     if size > args.max_image_bytes:
         raise APIError(
             413,
