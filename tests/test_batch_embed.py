@@ -274,6 +274,7 @@ def test_bad_files_are_listed_exactly_in_errors(image_run, mixed_corpus):
     assert errors[ids["gone.jpg"]]["source"] == str(mixed_corpus["root"] / "gone.jpg")
     summary = image_run["summary"]
     assert (summary["items"], summary["embedded"], summary["errors"]) == (25, 22, 3)
+    assert summary["max_open_shards"] == 1  # rows stream in order: the driver holds one partial shard at a time
     manifest = read_manifest(str(image_run["output"]))
     assert manifest["status"] == "complete" and manifest["counts"] == {
         "items": 25,

@@ -82,8 +82,9 @@ def embed_corpus(
             shards.
 
     Returns:
-        A summary: ``items``, ``embedded``, ``errors``, ``shards``, ``shards_written``, ``shards_skipped``,
-        ``embedding_dim``, ``seconds``, ``rows_per_s`` (rows this run processed per second), ``output``.
+        A summary: totals over the output (``items``, ``embedded``, ``errors``, ``shards``), this run's
+        ``rows``, ``shards_written``, ``shards_skipped``, ``seconds``, ``rows_per_s`` and ``max_open_shards`` (most
+        partly filled shards the driver held), ``embedding_dim`` and ``output``.
     """
     _check_options(modality, batch_size, dtype, dim, format, num_actors, min_actors, max_actors)
     started = time.time()
@@ -106,13 +107,12 @@ def embed_corpus(
         "format": format,
     }
     store = OutputStore(output)
-    done = store.open(job, overwrite)
+    done = store.open(job, overwrite)  # refuses a folder holding a different job
     pending = [shard for shard in shards if shard.index not in done]
     manifest = store.read_manifest() or {"version": MANIFEST_VERSION, "job": job, "model": model, "runs": []}
-    manifest["status"] = "running"
-    store.write_manifest(manifest)
+    store.write_manifest({**manifest, "status": "running"})
 
-    rows = written = 0
+    progress = {"rows": 0, "shards_written": 0, "max_open_shards": 0}
     if pending:
         pool = resolve_actor_pool(
             num_actors, min_actors, max_actors, num_gpus_per_actor, max_decoders, _cluster_resources()
@@ -120,26 +120,15 @@ def embed_corpus(
         dataset = build_dataset(
             _pending_items(corpus, pending), modality, model["model_path"], pool, batch_size, dtype, dim
         )
-        # In-order output: the driver then holds at most one partly filled shard.
-        dataset.context.execution_options.preserve_order = True
-        assembler = ShardAssembler(pending, shard_size)
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for shard, columns in assembler.add(batch):
-                store.write_shard(shard, *split_rows(columns, format))
-                rows, written = rows + len(shard), written + 1
-                if fail_after_shards is not None and written >= fail_after_shards:
-                    os.kill(os.getpid(), signal.SIGKILL)
-        if assembler.remaining:
-            raise RuntimeError(f"the pipeline ended with {assembler.remaining} shards incomplete; rerun to finish")
+        progress = _write_shards(dataset, store, pending, shard_size, format, fail_after_shards)
 
     seconds = time.time() - started
     run = {
         "started": _iso(started),
         "finished": _iso(time.time()),
         "seconds": round(seconds, 3),
-        "rows": rows,
-        "rows_per_s": round(rows / seconds, 2) if seconds > 0 else None,
-        "shards_written": written,
+        "rows_per_s": round(progress["rows"] / seconds, 2),
+        **progress,
         "shards_skipped": len(done),
     }
     counts = {
@@ -149,23 +138,46 @@ def embed_corpus(
         "shards": len(shards),
     }
     embedding_dim = store.embedding_dim()
-    manifest.update(
-        status="complete",
-        counts=counts,
-        embedding_dim=embedding_dim,
-        normalize=bool(model["normalize"]) or dim is not None,
-        embeddings=EMBEDDINGS_DIR,
-        errors=ERRORS_DIR,
-        runs=manifest["runs"] + [run],
+    store.write_manifest(
+        {
+            **manifest,
+            "status": "complete",
+            "counts": counts,
+            "embedding_dim": embedding_dim,
+            "normalize": bool(model["normalize"]) or dim is not None,  # a Matryoshka cut is re-normalised
+            "embeddings": EMBEDDINGS_DIR,
+            "errors": ERRORS_DIR,
+            "runs": manifest["runs"] + [run],
+        }
     )
-    store.write_manifest(manifest)
-    summary = {**counts, **run, "embedding_dim": embedding_dim, "output": store.root.uri}
     print(
-        f"vembed embed: {rows} rows in {seconds:.1f} s ({run['rows_per_s']} rows/s), {counts['errors']} errors in "
-        f"total, {written} shards written, {len(done)} already done -> {store.root.uri}",
+        f"vembed embed: {progress['rows']} rows in {seconds:.1f} s ({run['rows_per_s']} rows/s), "
+        f"{counts['errors']} errors in total, {progress['shards_written']} shards written, {len(done)} already done "
+        f"-> {store.root.uri}",
         flush=True,
     )
-    return summary
+    return {**counts, **run, "embedding_dim": embedding_dim, "output": store.root.uri}
+
+
+def _write_shards(
+    dataset: Any, store: OutputStore, pending: list[Shard], shard_size: int, fmt: str, fail_after: int | None
+) -> dict[str, int]:
+    """Stream the dataset's rows into their shards and write each shard as soon as it is complete."""
+    # In-order output: rows arrive in corpus order, so the driver holds one partly filled shard at a time.
+    dataset.context.execution_options.preserve_order = True
+    assembler = ShardAssembler(pending, shard_size)
+    progress = {"rows": 0, "shards_written": 0, "max_open_shards": 0}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for shard, columns in assembler.add(batch):
+            store.write_shard(shard, *split_rows(columns, fmt))
+            progress["rows"] += len(shard)
+            progress["shards_written"] += 1
+            if fail_after is not None and progress["shards_written"] >= fail_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        progress["max_open_shards"] = max(progress["max_open_shards"], assembler.open_shards)
+    if assembler.remaining:
+        raise RuntimeError(f"the pipeline ended with {assembler.remaining} shards incomplete; rerun to finish")
+    return progress
 
 
 def split_rows(columns: dict[str, np.ndarray], fmt: str) -> tuple[pa.Table, pa.Table]:

@@ -1,0 +1,259 @@
+"""Batch embedding: a plain single-process loop vs the Ray Data job (images/s), and the job's peak memory vs size.
+
+    .venv/bin/python benchmarks/embed_throughput.py                                  # 2,000 images; 2k vs 20k
+    .venv/bin/python benchmarks/embed_throughput.py --images 500 --memory-images 500 5000   # a quick look
+
+Data: 224 px JPEGs of the synthetic shapes set (:func:`vembed.testing.make_shapes_dataset`), written once under
+``--work`` and reused; each size is a manifest listing the first N of them.
+
+Model: a small ViT from a ``ViTConfig`` (random init, nothing downloaded): hidden 64, 4 layers, 16 px patches on
+224 px images (197 tokens), with ``ViTImageProcessorPil`` resizing and normalising.
+
+(a) the plain loop: ``VEmbedFactoryPredictor.encode_image(paths, batch_size=64)`` in this process -- PIL decode,
+    preprocess and model one after the other, torch using every core.
+(b) the job: ``embed_corpus(..., batch_size=64)`` with its default pools on a local Ray using every CPU; Ray is
+    started before timing (a cluster is up before jobs arrive), actor start-up and model loading are timed.
+The two alternate ``--repeats`` times so both see the same background load; the table shows medians. The script
+also times decode + preprocess and the model alone (one thread) per image: overlapping them gains most when the
+two cost about the same, and nothing when one dominates.
+
+Memory: each size runs in a fresh subprocess (its own Ray). A sampler adds up the proportional set size (PSS) of
+that process and all its descendants -- driver, raylet, GCS, decode and model workers, with Ray's shared-memory
+object store pages split among the processes that map them -- every 0.2 s; the figure is the peak. Only ratios
+are meaningful on a shared CPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BATCH = 64
+IMAGE_SIZE = 224
+OBJECT_STORE_BYTES = 1 << 30  # fixed, so both memory runs have the same Ray Data budget
+
+
+def make_model(path: Path) -> Path:
+    """A small ViT (hidden 64, 4 layers, 16 px patches, 224 px) saved as an HF directory."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=16,
+    )
+    ViTModel(config).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    return path
+
+
+def make_images(work: Path, count: int) -> list[str]:
+    """At least ``count`` 224 px JPEGs under ``work/images`` (generated once, in chunks), sorted."""
+    from vembed.testing import make_shapes_dataset
+
+    have = sorted(work.glob("chunk-*/images/*.jpg"))
+    chunk = len(list(work.glob("chunk-*")))
+    while len(have) < count:
+        make_shapes_dataset(
+            work / f"chunk-{chunk:03d}", num_train=2000, num_val=0, num_test=0, image_size=IMAGE_SIZE, seed=chunk
+        )
+        chunk += 1
+        have = sorted(work.glob("chunk-*/images/*.jpg"))
+    return [str(p) for p in have[:count]]
+
+
+def write_manifest(work: Path, paths: list[str]) -> Path:
+    manifest = work / f"manifest-{len(paths)}.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"img-{i:07d}", "path": p}) + "\n" for i, p in enumerate(paths)))
+    return manifest
+
+
+def stage_costs(model: Path, paths: list[str]) -> dict[str, float]:
+    """ms per image of decode + preprocess, and of the model on one thread, on one batch."""
+    import torch
+
+    from vembed.data.images import load_image
+    from vembed.inference import VEmbedFactoryPredictor
+
+    predictor = VEmbedFactoryPredictor(str(model), device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        pixels = predictor.preprocessor.process_images([load_image(p) for p in paths[:BATCH]])
+        decode = time.perf_counter() - start
+        predictor.encode_pixel_values(pixels[:8])
+        start = time.perf_counter()
+        predictor.encode_pixel_values(pixels)
+        infer = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return {"decode_ms": 1000 * decode / BATCH, "model_ms": 1000 * infer / BATCH}
+
+
+def plain_loop(model: Path, paths: list[str]) -> float:
+    """Images/s of the Predictor encoding every path in batches of 64 (model load not timed)."""
+    from vembed.inference import VEmbedFactoryPredictor
+
+    predictor = VEmbedFactoryPredictor(str(model), device="cpu")
+    start = time.perf_counter()
+    predictor.encode_image(paths, batch_size=BATCH)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def ray_job(model: Path, manifest: Path, output: Path, count: int) -> float:
+    """Images/s of ``embed_corpus`` over the manifest (actor start-up and model loading included)."""
+    from vembed.batch import embed_corpus
+
+    start = time.perf_counter()
+    summary = embed_corpus(str(model), str(manifest), str(output), batch_size=BATCH, overwrite=True)
+    seconds = time.perf_counter() - start
+    if summary["embedded"] != count:
+        raise RuntimeError(f"the job embedded {summary['embedded']} of {count} images: {summary}")
+    return count / seconds
+
+
+def _tree_pss(pid: int) -> int:
+    import psutil
+
+    total = 0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return total
+
+
+def memory_run(model: Path, manifest: Path, output: Path) -> dict[str, float]:
+    """In a fresh process: start Ray, run the job, and return its peak tree PSS (MiB) while sampling."""
+    import ray
+
+    ray.init(
+        num_cpus=os.cpu_count(),
+        object_store_memory=OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_pss(os.getpid()))
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    idle = _tree_pss(os.getpid())
+    sampler.start()
+    start = time.perf_counter()
+    summary = _run_job(model, manifest, output)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    ray.shutdown()
+    return {"peak_mib": peak[0] / 2**20, "idle_mib": idle / 2**20, "seconds": seconds, "rows": summary["embedded"]}
+
+
+def _run_job(model: Path, manifest: Path, output: Path) -> dict:
+    from vembed.batch import embed_corpus
+
+    return embed_corpus(str(model), str(manifest), str(output), batch_size=BATCH, overwrite=True)
+
+
+def measure_memory(model: Path, manifest: Path, output: Path) -> dict[str, float]:
+    command = [sys.executable, __file__, "--_memory-run", str(model), str(manifest), str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory run failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="images for the throughput comparison")
+    parser.add_argument("--memory-images", type=int, nargs=2, default=[2000, 20000], help="small and large corpus")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds of (a) and (b)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/vembed-embed-bench"), help="data and output folder")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--_memory-run", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
+    if args._memory_run:
+        model, manifest, output = (Path(p) for p in args._memory_run)
+        print(json.dumps(memory_run(model, manifest, output)))
+        return
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = make_model(args.work / "vit")
+    largest = max(args.images, *args.memory_images)
+    paths = make_images(args.work, largest)
+    manifest = write_manifest(args.work, paths[: args.images])
+    costs = stage_costs(model, paths)
+
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    plain, job = [], []
+    for _ in range(args.repeats):
+        plain.append(plain_loop(model, paths[: args.images]))
+        job.append(ray_job(model, manifest, args.work / "out-throughput", args.images))
+    ray.shutdown()
+
+    plain_rate, job_rate = statistics.median(plain), statistics.median(job)
+    print_table(
+        [
+            ("CPU cores", f"{os.cpu_count()}"),
+            ("decode + preprocess, 1 thread (ms/image)", f"{costs['decode_ms']:.2f}"),
+            ("small ViT forward, 1 thread (ms/image)", f"{costs['model_ms']:.2f}"),
+            (f"(a) plain loop, {args.images} images (images/s)", f"{plain_rate:.1f}"),
+            (f"(b) Ray Data job, {args.images} images (images/s)", f"{job_rate:.1f}"),
+            ("(b) / (a)  [goal >= 1.2]", f"{job_rate / plain_rate:.2f}"),
+            ("raw rounds (a) / (b)", f"{[round(v, 1) for v in plain]} / {[round(v, 1) for v in job]}"),
+        ]
+    )
+    if args.skip_memory:
+        return
+    small, large = args.memory_images
+    mem = {
+        n: measure_memory(model, write_manifest(args.work, paths[:n]), args.work / f"out-{n}") for n in (small, large)
+    }
+    print_table(
+        [
+            (f"job peak memory, {small} images (MiB)", f"{mem[small]['peak_mib']:.0f}"),
+            (f"job peak memory, {large} images (MiB)", f"{mem[large]['peak_mib']:.0f}"),
+            (f"peak {large} / peak {small}  [goal <= 1.2]", f"{mem[large]['peak_mib'] / mem[small]['peak_mib']:.2f}"),
+            ("Ray idle before the job (MiB)", f"{mem[small]['idle_mib']:.0f} / {mem[large]['idle_mib']:.0f}"),
+            (
+                f"job images/s at {small} / {large}",
+                f"{small / mem[small]['seconds']:.1f} / {large / mem[large]['seconds']:.1f}",
+            ),
+        ]
+    )
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{'measurement'.ljust(width)} | value\n{'-' * width}-|------", flush=True)
+    for name, value in rows:
+        print(f"{name.ljust(width)} | {value}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
