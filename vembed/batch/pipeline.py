@@ -1,4 +1,4 @@
-"""The Ray Data pipeline of a batch-embedding job: read + decode + preprocess in CPU tasks, embed in model actors.
+"""The Ray Data pipeline of a batch-embedding job: read + decode + preprocess on CPU workers, embed on model actors.
 
 Rows carry ``position`` (their place in the corpus), ``id``, ``source`` and ``error`` through every stage. A row
 that cannot be embedded (missing or unreadable file, non-image bytes, empty text) keeps flowing with its ``error``
@@ -113,7 +113,9 @@ class Embedder:
         vectors = np.zeros((len(batch["id"]), self.out_dim), dtype=np.float32)
         if len(good):
             if self.modality == "image":
-                vectors[good] = self.predictor.encode_pixel_values(batch["pixel_values"][good], dimension=self.dim)
+                pixels = batch["pixel_values"]
+                pixels = pixels if len(good) == len(pixels) else pixels[good]  # no copy in the common case
+                vectors[good] = self.predictor.encode_pixel_values(pixels, dimension=self.dim)
             else:
                 texts = [str(t) for t in batch["source"][good]]
                 vectors[good] = self.predictor.encode_text(texts, batch_size=len(texts), dimension=self.dim)

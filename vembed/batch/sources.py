@@ -4,7 +4,7 @@ A corpus is a two-column Arrow table, ``id`` and ``source`` (an image path/URI, 
 stable order: sorted relative paths for a folder, row order for a manifest. That order is what makes shards
 deterministic (:mod:`vembed.batch.shards`), so a rerun sees the same items in the same shards.
 
-Only ids and sources are held (a few dozen bytes per item); images are read later, in Ray Data tasks.
+Only ids and sources are held (a few dozen bytes per item); images are read later, by Ray Data workers.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from vembed.batch.options import MODALITIES
 from vembed.data.images import resolve_location
 from vembed.data.readers import EmptyDatasetError, RecordFileError, iter_raw_records, record_format
 from vembed.data.records import SOURCE_FIELD
+from vembed.inference import IMAGE_EXTENSIONS
 
 Modality = Literal["image", "text"]
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Column names tried, in order, when the caller does not name the source column.
 SOURCE_COLUMNS: dict[str, tuple[str, ...]] = {"image": ("path", "image", "image_path", "file"), "text": ("text",)}
 ID_COLUMN = "id"
