@@ -79,3 +79,48 @@ def shapes_t2i(tmp_path_factory) -> dict[str, Path]:
         num_test=16,
         formats=("jsonl", "csv", "parquet"),
     )
+
+
+@pytest.fixture(scope="session")
+def trained_clip(tmp_path_factory, tiny_clip_dir) -> dict[str, Path]:
+    """The tiny CLIP fine-tuned in-process on a synthetic t2i set; shared by tests that need a *learned* model.
+
+    Returns ``{"model": checkpoint dir, "base": untrained dir, "test": held-out records, "train": records}``.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vembed.data.dataset import VisualRetrievalDataset
+    from vembed.data.registry import CollatorRegistry
+    from vembed.losses.factory import LossFactory
+    from vembed.testing import make_shapes_dataset
+    from vembed.training.model_builder import build_model, load_processor
+    from vembed.training.optimizer_builder import build_optimizer
+    from vembed.training.training_loop import Trainer
+
+    root = tmp_path_factory.mktemp("trained_clip")
+    data = make_shapes_dataset(root / "data", num_train=384, num_val=8, num_test=48, seed=1)
+    config = {
+        "model_name": str(tiny_clip_dir),
+        "epochs": 6,
+        "batch_size": 32,
+        "learning_rate": 2e-3,
+        "temperature": 0.1,
+        "output_dir": str(root / "out"),
+        "logging_steps": 1000,
+    }
+    torch.manual_seed(0)
+    model = build_model(config)
+    processor = load_processor(str(tiny_clip_dir))
+    dataset = VisualRetrievalDataset(str(data["train"]), processor, mode="train")
+    collate = CollatorRegistry.get("default")(processor=processor, mode="train")
+    loader = DataLoader(dataset, batch_size=32, shuffle=True, collate_fn=collate, drop_last=True)
+    criterion = LossFactory.create(config)
+    optimizer = build_optimizer(model, config)
+    Trainer(model=model, optimizer=optimizer, dataloader=loader, criterion=criterion, config=config).train()
+    return {
+        "model": root / "out" / "checkpoint-epoch-6",
+        "base": tiny_clip_dir,
+        "test": data["test"],
+        "train": data["train"],
+    }
