@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,42 @@ class TrainingProgress:
         return cls(**json.loads(path.read_text()))
 
 
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict in a form DCP can save and load in place.
+
+    Unlike ``torch.distributed.checkpoint.state_dict.get_state_dict`` this accepts an optimizer that also
+    holds parameters outside the sharded model (the loss's learnable temperature): per-parameter states
+    keep their tensors (``DTensor`` shards for model parameters, replicated tensors for the others) under
+    string keys, and the param groups are stored as one serialised value.
+    """
+    packed = optimizer.state_dict()
+    return {
+        "state": {str(k): v for k, v in packed["state"].items()},
+        "param_groups": {"param_groups": packed["param_groups"]},
+    }
+
+
+@torch.no_grad()
+def _initialise_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-parameter state (zeros) so that DCP has tensors to load into.
+
+    One step with zero gradients at learning rate 0 changes no parameter; the loaded state then replaces the
+    created one (step counts included).
+    """
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _module_file(name: str) -> str:
     return f"module_{name}.pt"
 
@@ -73,10 +110,10 @@ def save_training_state(
     wrote = False
     if is_sharded(model):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / SHARDED_DIR))
+        state = {"model": get_model_state_dict(model), "optim": _optimizer_state(optimizer)}
+        dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR))
         wrote = True
     if rank != 0:
         return wrote
@@ -104,14 +141,16 @@ def load_training_state(
     progress = TrainingProgress.from_file(directory / PROGRESS_FILE)
     if is_sharded(model):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         if not (directory / SHARDED_DIR).exists():
             raise ValueError(f"{directory} holds a replicated (DDP) checkpoint; resume it with strategy: ddp")
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _initialise_optimizer_state(optimizer)
+        state = {"model": get_model_state_dict(model), "optim": _optimizer_state(optimizer)}
+        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))  # in place, each rank its own shards
+        set_model_state_dict(model, state["model"])
+        optim = state["optim"]
+        optimizer.load_state_dict({"state": {int(k): v for k, v in optim["state"].items()}, **optim["param_groups"]})
     else:
         if not (directory / MODEL_FILE).exists():
             raise ValueError(f"{directory} holds a sharded (FSDP) checkpoint; resume it with strategy: fsdp")

@@ -101,6 +101,10 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any]:
     if config.val_data_path is not None:
         val_config = config.replace(shuffle=False)
         datasets["val"] = build_train_dataset(config.val_data_path, preprocessor, val_config, bad_records)
+    for dataset in datasets.values():
+        # A bad record (on_bad_record: fail) must reach the user as itself, "bad record 'x' at file:line: ...",
+        # not as Ray Data's generic "UDF failed" (the worker re-raises it, see worker.ShardLoader).
+        dataset.context.raise_original_map_exception = True
     return datasets, num_records, bad_records
 
 

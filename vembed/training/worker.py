@@ -85,8 +85,41 @@ class ShardLoader:
         from vembed.data.pipeline import collate_train_batch, iter_train_batches
 
         if self.train:
-            return iter_train_batches(self.shard, self.batch_size, self.config, epoch=self.epoch)
-        return iter(self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=collate_train_batch))
+            batches = iter_train_batches(self.shard, self.batch_size, self.config, epoch=self.epoch)
+        else:
+            batches = iter(self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=collate_train_batch))
+        try:
+            yield from batches
+        except Exception as exc:
+            data_error = _data_error(exc)
+            if data_error is None:
+                raise
+            raise data_error from None  # the record's own message, not Ray's truncated UDF traceback
+
+
+def _data_error(exc: BaseException) -> ValueError | None:
+    """The vembed data error (bad record, malformed file) a Ray Data failure was caused by, if any.
+
+    Ray wraps an exception raised in a Data actor in task errors whose message it truncates; re-raising
+    the original keeps "bad record 'x' at file:line: image not found" in front of the user.
+    """
+    from ray.exceptions import RayError
+
+    from vembed.data.batching import BadRecordError
+    from vembed.data.readers import RecordFileError
+    from vembed.data.records import RecordError
+
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (BadRecordError, RecordError, RecordFileError)) and not isinstance(current, RayError):
+            return type(current)(*current.args)
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
 
 
 def build_training_model(config: VEmbedConfig) -> nn.Module:

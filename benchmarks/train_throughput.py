@@ -1,0 +1,164 @@
+"""Training throughput: a plain PyTorch loop vs vembed in-process vs Ray Train with 1 and 2 DDP workers.
+
+One run, one machine, one model (a CLIP with 4-layer, 128-wide towers on 64 px images, built from a config), one
+global batch size. Cases:
+
+    (a) plain   a minimal single-process loop written here: pre-collated batches, forward, loss, backward, clip,
+                AdamW step (the ceiling: no data pipeline, no reporting)
+    (b) local   vembed's TorchTrainer with num_workers=0 (the loop runs in this process, data from Ray Data)
+    (c) ray-1   TorchTrainer, 1 worker
+    (d) ray-2   TorchTrainer, 2 DDP workers, torch threads split so workers do not oversubscribe the cores
+
+Throughput is samples/s over the second half of the steps (the first half absorbs start-up: worker and Data actor
+launch, first batches). vembed reports samples/s per logging window, so ``logging_steps`` is half the steps.
+Model FLOP/s are the FLOPs of one training step (counted with ``torch.utils.flop_counter``) times steps/s, as a
+fraction of this CPU's measured float32 matmul peak. Goals (issue 4): b/a >= 0.95, c/a >= 0.9, d/c >= 1.6.
+
+    python benchmarks/train_throughput.py [--steps 16] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import CLIPConfig, CLIPModel  # noqa: E402
+
+from vembed.data.dataset import VisualRetrievalDataset  # noqa: E402
+from vembed.losses.factory import LossFactory  # noqa: E402
+from vembed.testing import make_shapes_dataset, make_tiny_clip  # noqa: E402
+from vembed.training.model_builder import build_model, load_processor  # noqa: E402
+from vembed.training.optimizer_builder import build_optimizer  # noqa: E402
+
+IMAGE_SIZE = 64
+WIDTH = 128
+LAYERS = 4
+
+
+def make_model(directory: Path) -> Path:
+    """The tiny CLIP's tokenizer and processor with 4-layer, 128-wide towers (random init, seeded)."""
+    make_tiny_clip(directory, hidden=WIDTH, image_size=IMAGE_SIZE)
+    config = CLIPConfig.from_pretrained(directory)
+    config.text_config.num_hidden_layers = LAYERS
+    config.vision_config.num_hidden_layers = LAYERS
+    config.vision_config.patch_size = 8
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(directory)
+    return directory
+
+
+def matmul_peak(threads: int, n: int = 1024, repeats: int = 20) -> float:
+    """Measured float32 matmul FLOP/s with ``threads`` threads (best of ``repeats``)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def plain_loop(cfg: dict, steps: int, threads: int) -> tuple[float, float]:
+    """(a): samples/s of a minimal loop over pre-collated batches, and the FLOPs of one step."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    criterion = LossFactory.create(cfg)
+    optimizer = build_optimizer(model, cfg, extra_modules=[criterion])
+    dataset = VisualRetrievalDataset(cfg["data_path"], load_processor(cfg["model_name"]))
+    batches = list(DataLoader(dataset, batch_size=cfg["batch_size"], collate_fn=dataset.collator(), drop_last=True))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step(batch):
+        loss = criterion(model(**batch), batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(batches[0])
+    half = steps // 2
+    for i in range(half):
+        step(batches[i % len(batches)])
+    start = time.perf_counter()
+    for i in range(half, steps):
+        step(batches[i % len(batches)])
+    elapsed = time.perf_counter() - start
+    return (steps - half) * cfg["batch_size"] / elapsed, float(counter.get_total_flops())
+
+
+def vembed_run(cfg: dict, num_workers: int, threads: int, out: Path) -> float:
+    """(b)-(d): samples/s over the second half of a vembed Ray Train run."""
+    from vembed.training.launcher import run_training
+
+    torch.set_num_threads(threads)
+    result = run_training(
+        {**cfg, "num_workers": num_workers, "torch_threads": threads, "output_dir": str(out), "run_name": out.name}
+    )
+    return float(result.metrics["samples_per_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per case (one epoch)")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="vembed-bench-"))
+    model_dir = make_model(work / "clip")
+    data = make_shapes_dataset(
+        work / "data", num_train=args.steps * args.batch_size, num_val=0, num_test=0, image_size=IMAGE_SIZE
+    )
+    cfg = {
+        "model_name": str(model_dir),
+        "data_path": str(data["train"]),
+        "batch_size": args.batch_size,
+        "epochs": 1,
+        "learning_rate": 1e-4,
+        "logging_steps": args.steps // 2,
+        "mixed_precision": "no",
+        "shuffle": False,
+    }
+
+    import ray
+
+    ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)  # +1: room for Ray Data beside 2 workers
+    peak = matmul_peak(cores)
+    plain, flops_per_step = plain_loop(cfg, args.steps, cores)
+    rates = {
+        "(a) plain PyTorch loop": plain,
+        "(b) vembed num_workers=0": vembed_run(cfg, 0, cores, work / "local"),
+        "(c) TorchTrainer 1 worker": vembed_run(cfg, 1, cores, work / "ray1"),
+        "(d) TorchTrainer 2 workers DDP": vembed_run(cfg, 2, max(1, cores // 2), work / "ray2"),
+    }
+    ray.shutdown()
+
+    flops_per_sample = flops_per_step / args.batch_size
+    print(
+        f"\nCLIP {LAYERS}x{WIDTH} towers, {IMAGE_SIZE}px, global batch {args.batch_size}, {args.steps} steps, "
+        f"{cores} cores; matmul peak {peak / 1e9:.1f} GFLOP/s; {flops_per_step / 1e9:.2f} GFLOP per step"
+    )
+    print("| case | samples/s | vs (a) | model FLOP/s / peak |\n|---|---|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.1f} | {rate / plain:.2f} | {rate * flops_per_sample / peak:.1%} |")
+    c, d = rates["(c) TorchTrainer 1 worker"], rates["(d) TorchTrainer 2 workers DDP"]
+    print(
+        f"\nb/a = {rates['(b) vembed num_workers=0'] / plain:.2f} (goal >= 0.95), c/a = {c / plain:.2f} "
+        f"(goal >= 0.9), d/c = {d / c:.2f} (goal >= 1.6)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Ray Train runs: 2-worker DDP and FSDP2 steps equal a single-process step; bad input fails clearly.
+
+The reference step is written out here in one process: the whole global batch (hard negatives included), the
+loss over every candidate, clipping by the global gradient norm and AdamW. The distributed runs split the batch
+over two workers that gather each other's candidates, so any error in gathering, gradient averaging (DDP, FSDP2
+reduce-scatter over gloo, the loss's own temperature) or sharded clipping shows up as a weight difference.
+
+AdamW's first step is ``lr * g / (|g| + eps)``; with ``eps`` and ``lr`` both 1000 that is ``g`` itself, so the
+comparison sees the gradients' scale (with a small eps it would only see their signs).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vembed.config import ConfigError
+from vembed.data.dataset import VisualRetrievalDataset
+from vembed.data.readers import EmptyDatasetError, RecordFileError
+from vembed.losses.factory import LossFactory
+from vembed.model import EmbeddingModel
+from vembed.testing import make_shapes_dataset
+from vembed.training.config import as_config
+from vembed.training.launcher import run_training
+from vembed.training.model_builder import build_model, load_processor
+from vembed.training.optimizer_builder import build_optimizer
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def one_batch(tmp_path_factory):
+    """Exactly one global batch: 8 t2i records with one hard negative each."""
+    return make_shapes_dataset(
+        tmp_path_factory.mktemp("one_batch"), num_train=8, num_val=0, num_test=0, num_negatives=1, seed=3
+    )
+
+
+def _config(tiny_clip_dir, data, tmp_path, **overrides):
+    return as_config(
+        {
+            "model_name": str(tiny_clip_dir),
+            "data_path": str(data["train"]),
+            "output_dir": str(tmp_path / "out"),
+            "epochs": 1,
+            "batch_size": 8,
+            "num_workers": 2,
+            "torch_threads": 1,
+            "learning_rate": 1000.0,
+            "adam_epsilon": 1000.0,
+            "weight_decay": 0.0,
+            "scheduler_type": "constant",
+            "learnable_temperature": True,
+            "temperature": 0.1,
+            "max_grad_norm": 1.0,
+            "max_failures": 0,
+            "mixed_precision": "no",
+            **overrides,
+        }
+    )
+
+
+def _reference_step(cfg, data):
+    """One AdamW step on the whole batch in this process, clipping by the global norm."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    criterion = LossFactory.create(cfg)
+    optimizer = build_optimizer(model, cfg, extra_modules=[criterion])
+    dataset = VisualRetrievalDataset(data["train"], load_processor(cfg.model_name), retrieval_mode=cfg.retrieval_mode)
+    (batch,) = DataLoader(dataset, batch_size=len(dataset), collate_fn=dataset.collator())
+    assert batch["negative_pixel_values"].shape[:2] == (8, 1)
+    loss = criterion(model(**batch), batch)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    assert norm > cfg.max_grad_norm  # clipping is active, so the global norm must be right too
+    optimizer.step()
+    return model, criterion
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_take_the_same_step_as_one_process(strategy, ray_local, tiny_clip_dir, one_batch, tmp_path):
+    cfg = _config(tiny_clip_dir, one_batch, tmp_path, strategy=strategy)
+    result = run_training(cfg)
+    assert result.error is None
+    assert result.metrics["world_size"] == 2 and result.metrics["step"] == 1
+    assert len(result.metrics["worker_node_ids"]) == 2
+
+    reference, reference_loss = _reference_step(cfg, one_batch)
+    trained = EmbeddingModel.from_pretrained(tmp_path / "out" / "checkpoint-epoch-1")
+    start = build_model(cfg).state_dict()
+    ref_state, got_state = reference.state_dict(), trained.state_dict()
+    moved = max(float((ref_state[k] - start[k]).abs().max()) for k in ref_state)
+    assert moved > 1e-3, "the reference step must move the weights for the comparison to mean anything"
+    worst = max(float((ref_state[k] - got_state[k]).abs().max()) for k in ref_state)
+    assert worst < 1e-5, f"{strategy}: max weight difference {worst:.3g} vs the single-process step"
+
+    with result.checkpoint.as_directory() as directory:
+        loss_state = torch.load(f"{directory}/module_loss.pt", weights_only=True)
+        progress = json.loads(open(f"{directory}/trainer_state.json").read())
+    assert progress == {"epoch": 1, "batches_done": 0, "step": 1}
+    expected_scale = reference_loss.logit_scale.log_scale.detach()
+    torch.testing.assert_close(loss_state["logit_scale.log_scale"], expected_scale, atol=1e-5, rtol=0)
+
+
+def test_more_workers_than_the_cluster_has_is_a_clear_error(ray_local, tiny_clip_dir, one_batch, tmp_path):
+    with pytest.raises(ConfigError, match=r"num_workers=64 needs 64 CPU .* cluster has 4"):
+        run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=64))
+    with pytest.raises(ConfigError, match="leaving none for the Ray Data preprocessing"):
+        run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=4))
+
+
+def test_empty_and_malformed_data_fail_before_training(ray_local, tiny_clip_dir, one_batch, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(EmptyDatasetError, match="empty"):
+        run_training(_config(tiny_clip_dir, {"train": empty}, tmp_path))
+
+    lines = one_batch["train"].read_text().splitlines()
+    lines[2] = lines[2][:-5]  # cut the closing part of line 3's JSON
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordFileError, match=r"broken\.jsonl:line 3"):
+        run_training(_config(tiny_clip_dir, {"train": broken}, tmp_path))
+
+
+def test_missing_image_fails_the_run_under_on_bad_record_fail(ray_local, tiny_clip_dir, one_batch, tmp_path):
+    records = [json.loads(line) for line in one_batch["train"].read_text().splitlines()]
+    records[5]["positive"] = str(tmp_path / "no_such_image.jpg")
+    data = tmp_path / "missing.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = _config(tiny_clip_dir, {"train": data}, tmp_path, num_workers=1, on_bad_record="fail")
+    with pytest.raises(Exception, match="no_such_image.jpg") as info:
+        run_training(cfg)
+    assert "on_bad_record" in str(info.value)
