@@ -1,0 +1,24 @@
+"""Fine-tune on a Ray cluster: ``ray job submit --working-dir . -- python ray_jobs/train.py CONFIG [--config_override k=v ...]``.
+
+Same arguments as ``vembed train`` (a YAML config with keys of ``configs/defaults.yaml``, then ``key=value``
+overrides). Under ``ray job submit`` the job joins the cluster it was submitted to (``RAY_ADDRESS``); run as
+``python ray_jobs/train.py ...`` it starts or joins a local Ray. On a multi-node cluster ``output_dir`` (user
+checkpoints, written by rank 0) must be a path every node shares, and ``storage_path`` (resume checkpoints) a
+shared path or a pyarrow URI such as ``s3://bucket/runs``. Prints the final metrics (with ``worker_node_ids``)
+as JSON; exits 1 when training failed.
+"""
+
+import argparse
+import sys
+
+from vembed.training.cli import add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ray_jobs/train.py", description="Fine-tune a vembed model on Ray Train")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
