@@ -141,7 +141,9 @@ def gallery(ray_local, tiny_clip_dir, shapes_t2i, tmp_path_factory) -> Path:
 
 
 @pytest.mark.ray
-def test_ray_job_scores_queries_against_an_embedded_corpus(ray_local, gallery, tiny_clip_dir, shapes_t2i, tmp_path):
+def test_ray_job_scores_queries_against_an_embedded_corpus_and_a_baseline_ranks_the_same_corpus(
+    ray_local, gallery, tiny_clip_dir, shapes_t2i, tmp_path
+):
     from vembed.batch import read_embeddings
     from vembed.evaluation.evalset import load_eval_set
     from vembed.evaluation.metrics import retrieval_metrics
@@ -149,10 +151,12 @@ def test_ray_job_scores_queries_against_an_embedded_corpus(ray_local, gallery, t
 
     command = [sys.executable, str(REPO / "ray_jobs" / "evaluate.py"), "--model", str(tiny_clip_dir)]
     command += ["--data", str(shapes_t2i["test"]), "--candidates-embeddings", str(gallery), "--output", str(tmp_path)]
+    command += ["--compare", str(tiny_clip_dir)]  # the baseline embeds the same corpus itself, with Ray Data
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = report["metrics"]
 
     # Reference: the Predictor in this process, every gallery image a candidate, each query's positive by path.
     predictor = VEmbedFactoryPredictor(tiny_clip_dir)
@@ -165,6 +169,7 @@ def test_ray_job_scores_queries_against_an_embedded_corpus(ray_local, gallery, t
         [[images.index(p) for p in positives] for positives in evalset.positives],
     )
     assert metrics == pytest.approx({**expected, "num_records": 16, "num_positives_missing": 0}, abs=1e-6)
+    assert report["baseline"] == pytest.approx(metrics, abs=1e-6)  # same model: read vectors == re-embedded ones
 
 
 @pytest.mark.ray

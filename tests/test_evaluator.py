@@ -208,6 +208,13 @@ def test_matryoshka_dims_in_one_pass_equal_a_predictor_truncating_to_each_dim(pr
     assert per_dim[32] == pytest.approx(evaluate_predictor(predictor, shapes_t2i["test"]), abs=1e-9)
 
 
+def test_a_multi_vector_model_is_refused_with_a_pointer_to_maxsim(tiny_clip_dir, shapes_t2i, predictor):
+    model = EmbeddingModel.from_pretrained(tiny_clip_dir, pooling_method="none").eval()
+    multi_vector = VEmbedFactoryPredictor.from_model(model, predictor.preprocessor)
+    with pytest.raises(ValueError, match="multi-vector .*metrics.retrieval_metrics"):
+        evaluate_predictor(multi_vector, shapes_t2i["test"])
+
+
 def test_an_in_memory_model_scores_as_its_saved_copy(tiny_clip_dir, shapes_t2i, predictor):
     model = EmbeddingModel.from_pretrained(tiny_clip_dir).eval()
     in_memory = VEmbedFactoryPredictor.from_model(model, predictor.preprocessor)

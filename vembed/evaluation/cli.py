@@ -10,8 +10,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vembed.data.records import RETRIEVAL_MODES
+
+if TYPE_CHECKING:
+    from vembed.evaluation.evalset import EvalSet
+    from vembed.evaluation.evaluator import Metrics
 
 
 def _positive_int(text: str) -> int:
@@ -92,8 +97,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         evalset = load_eval_set(args.data, args.mode, args.image_root, args.column_mapping, args.relevance)
-        metrics = _evaluate(args, args.model, evalset, args.candidates_embeddings, "model")
-        baseline = _evaluate(args, args.compare, evalset, None, "baseline") if args.compare else None
+        metrics = _evaluate(args, args.model, evalset, "model", candidates_embeddings=args.candidates_embeddings)
+        baseline = None
+        if args.compare:
+            pool = _corpus_pool(args.candidates_embeddings, evalset)
+            baseline = _evaluate(args, args.compare, evalset, "baseline", candidate_pool=pool)
     except (ValueError, OSError) as exc:  # bad input: files, records, dims, models (errors name what and where)
         print(f"vembed evaluate: error: {exc}", file=sys.stderr)
         return 2
@@ -107,11 +115,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, model: str, evalset, candidates_embeddings: str | None, label: str):
-    """Metrics of one model: in this process, or with Ray Data (``--ray`` / ``--candidates-embeddings``) writing
-    under ``--work-dir/label``."""
+def _evaluate(
+    args: argparse.Namespace,
+    model: str,
+    evalset: EvalSet,
+    label: str,
+    candidates_embeddings: str | None = None,
+    candidate_pool: list[str] | None = None,
+) -> Metrics:
+    """Metrics of one model: in this process, or with Ray Data (``--ray``, ``--candidates-embeddings``, or a
+    baseline ranking that corpus) writing under ``--work-dir/label``."""
     dims = args.dims or ()
-    if args.ray or candidates_embeddings:
+    if args.ray or candidates_embeddings or candidate_pool is not None:
         from vembed.evaluation.embedded import evaluate_with_ray
 
         work_dir = None if args.work_dir is None else Path(args.work_dir) / label
@@ -122,6 +137,7 @@ def _evaluate(args: argparse.Namespace, model: str, evalset, candidates_embeddin
             ks=args.ks,
             mrl_dims=dims,
             candidates_embeddings=candidates_embeddings,
+            candidate_pool=candidate_pool,
             work_dir=work_dir,
             num_actors=args.num_actors,
         )
@@ -130,6 +146,15 @@ def _evaluate(args: argparse.Namespace, model: str, evalset, candidates_embeddin
     return evaluate_model_path(
         model, evalset, batch_size=args.batch_size, ks=args.ks, mrl_dims=dims, device=args.device
     )
+
+
+def _corpus_pool(candidates_embeddings: str | None, evalset: EvalSet) -> list[str] | None:
+    """The pool a baseline must rank to be comparable: the corpus of ``--candidates-embeddings``, if any."""
+    if candidates_embeddings is None or evalset.leave_one_out:
+        return None
+    from vembed.evaluation.embedded import corpus_sources
+
+    return corpus_sources(candidates_embeddings)
 
 
 def _names(model: str, baseline: str | None) -> tuple[str, str]:

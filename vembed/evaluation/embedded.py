@@ -9,6 +9,7 @@ the vectors come from Ray Data model actors (:func:`vembed.batch.embed_corpus`),
   ``source`` is its resolved path/URI (or its text). Positives the corpus lacks are counted in
   ``num_positives_missing``; queries left with none are reported, not averaged. With label relevance (i2i,
   leave-one-out) the eval set's own images are looked up in the corpus instead, and each must be there.
+- Baseline: to rank the same pool, a second model embeds the corpus' ``sources`` itself (``candidate_pool``).
 - Queries: texts or images are embedded by a batch job into ``work_dir/queries``; composed text + image queries
   (m2i, m2t), which a batch job does not take, by a Predictor in the driver. Label relevance reuses the
   candidates' vectors (the queries are the candidates).
@@ -49,6 +50,7 @@ class CorpusEmbeddings:
     sources: list[str]
     vectors: np.ndarray
     dim: int | None  # the Matryoshka dim the job used (None: the model's full size)
+    modality: str  # "image" or "text"
     origin: str
 
     def lookup(self, items: Sequence[str]) -> np.ndarray:
@@ -91,8 +93,24 @@ def read_corpus_embeddings(folder: str, model_path: str | os.PathLike | None = N
         sources=table.column("source").to_pylist(),
         vectors=_vectors(table),
         dim=manifest.get("job", {}).get("dim"),
+        modality=manifest.get("job", {}).get("modality", "image"),
         origin=folder,
     )
+
+
+def corpus_sources(folder: str) -> list[str]:
+    """The ``source`` of every row of a ``vembed embed`` output folder, in row order (vectors are not read)."""
+    from vembed.batch.writer import EMBEDDINGS_DIR, OutputStore
+
+    store = OutputStore(folder)
+    paths = store.part_paths(EMBEDDINGS_DIR)
+    if not paths:
+        raise FileNotFoundError(
+            f"{folder} has no finished {EMBEDDINGS_DIR} shards; is it the output of `vembed embed`?"
+        )
+    return [
+        s for path in paths for s in pq.read_table(path, columns=["source"], filesystem=store.fs)["source"].to_pylist()
+    ]
 
 
 def check_same_model(manifest: Mapping[str, Any], model_path: str | os.PathLike, folder: str) -> None:
@@ -170,14 +188,17 @@ def evaluate_with_ray(
     column_mapping: Mapping[str, str] | None = None,
     relevance: str = "auto",
     candidates_embeddings: str | None = None,
+    candidate_pool: Sequence[str] | None = None,
     work_dir: str | os.PathLike | None = None,
     num_actors: int | None = None,
 ) -> Metrics:
     """Retrieval metrics of the model at ``model_path`` on an eval file, embedding with Ray Data.
 
     Arguments as :func:`~vembed.evaluation.evaluator.evaluate_model_path`, plus:
-        candidates_embeddings: a ``vembed embed`` output folder to use as the candidate pool (see the module
-            docstring) instead of embedding the eval file's candidates.
+        candidates_embeddings: a ``vembed embed`` output folder made with this model, used as the candidate pool
+            (see the module docstring) instead of embedding the eval file's candidates.
+        candidate_pool: candidates (image paths/URIs or texts) to embed instead of the eval file's own, e.g. the
+            ``sources`` of another model's ``candidates_embeddings``, so that a baseline ranks the same pool.
         work_dir: where the batch jobs write (kept, so a rerun resumes); default a temporary folder, removed after.
         num_actors: model actors per batch job (default: as ``vembed embed``).
 
@@ -186,22 +207,32 @@ def evaluate_with_ray(
     from vembed.batch.job import describe_model
 
     evalset = data if isinstance(data, EvalSet) else load_eval_set(data, mode, image_root, column_mapping, relevance)
+    if candidates_embeddings and candidate_pool is not None:
+        raise ValueError("pass candidates_embeddings (vectors to read) or candidate_pool (items to embed), not both")
+    if evalset.leave_one_out and candidate_pool is not None:
+        raise ValueError("label relevance (leave-one-out) ranks the eval set's own images; drop candidate_pool")
     corpus = read_corpus_embeddings(candidates_embeddings, model_path) if candidates_embeddings else None
+    if corpus is not None and corpus.modality != evalset.candidate_modality:
+        raise ValueError(
+            f"{candidates_embeddings} holds {corpus.modality} embeddings but mode {evalset.mode!r} ranks "
+            f"{evalset.candidate_modality}s; embed the candidates with `vembed embed --modality "
+            f"{evalset.candidate_modality}`"
+        )
     dim = corpus.dim if corpus else None
     full_dim = dim or describe_model(str(model_path)).get("embedding_dim")
     if full_dim:
         check_dims(mrl_dims, full_dim)  # fail before embedding anything
     embed = dict(model_path=model_path, batch_size=batch_size, dim=dim, num_actors=num_actors)
-    pool = None
+    pool = None if corpus is None or evalset.leave_one_out else corpus.sources
+    pool = list(candidate_pool) if candidate_pool is not None else pool
     with _work_folder(work_dir) as work:
         if corpus is None:
+            items = evalset.candidates if pool is None else pool
             cand_emb = embed_with_ray(
-                items=evalset.candidates, modality=evalset.candidate_modality, work_dir=work / "candidates", **embed
+                items=items, modality=evalset.candidate_modality, work_dir=work / "candidates", **embed
             )
-        elif evalset.leave_one_out:
-            cand_emb = corpus.lookup(evalset.candidates)
         else:
-            cand_emb, pool = corpus.vectors, corpus.sources
+            cand_emb = corpus.lookup(evalset.candidates) if evalset.leave_one_out else corpus.vectors
         if evalset.leave_one_out:
             query_emb = cand_emb
         elif evalset.query_modality == "multimodal":

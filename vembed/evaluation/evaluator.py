@@ -184,7 +184,7 @@ def evaluate_model_path(
 
 def check_single_vector(predictor: VEmbedFactoryPredictor) -> None:
     """The Predictor returns one vector per item; multi-vector (late interaction) models need token embeddings."""
-    if getattr(predictor.model, "multi_vector", False):
+    if predictor.model.multi_vector:
         raise ValueError(
             "this model is multi-vector (pooling_method='none'); the Predictor, and so this evaluator, returns one "
             "vector per item. Score its token embeddings with vembed.evaluation.metrics.retrieval_metrics "
