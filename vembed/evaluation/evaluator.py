@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Flat = dict[str, float]
-Metrics = Union[Flat, dict[int, Flat]]
+Metrics = Flat | dict[int, Flat]
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
 
