@@ -113,6 +113,7 @@ def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
     cfg = resolve_run_paths(as_config(config))
     ensure_ray()
     use_gpu = wants_gpu(cfg)
+    cfg = cfg.replace(use_gpu=use_gpu)  # workers see the decision, not "auto"
     check_cluster_fits(cfg, use_gpu)
     from vembed.data.pipeline import train_ingest_options
 

@@ -178,7 +178,8 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         model = compile_model(model, cfg)
     criterion = LossFactory.create(cfg).to(device)
     optimizer = build_optimizer(model, cfg, extra_modules=[criterion])
-    scheduler, _ = build_scheduler(optimizer, cfg, cfg.epochs, optimizer_steps_per_epoch(num_records, cfg, world))
+    steps_per_epoch = optimizer_steps_per_epoch(num_records, cfg, world)
+    scheduler, _ = build_scheduler(optimizer, cfg, max(cfg.epochs, 1), steps_per_epoch)
 
     batch_size = local_batch_size(cfg, world)
     train = ShardLoader(ray.train.get_dataset_shard("train"), batch_size, cfg, train=True)
