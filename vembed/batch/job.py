@@ -83,8 +83,9 @@ def embed_corpus(
 
     Returns:
         A summary: totals over the output (``items``, ``embedded``, ``errors``, ``shards``), this run's
-        ``rows``, ``shards_written``, ``shards_skipped``, ``seconds``, ``rows_per_s`` and ``max_open_shards`` (most
-        partly filled shards the driver held), ``embedding_dim`` and ``output``.
+        ``rows``, ``shards_written``, ``shards_skipped``, ``seconds``, ``rows_per_s``, ``startup_s`` (until the
+        first rows came back), ``steady_rows_per_s`` (after that) and ``max_open_shards`` (most partly filled shards
+        the driver held), ``embedding_dim`` and ``output``.
     """
     _check_options(modality, batch_size, dtype, dim, format, num_actors, min_actors, max_actors)
     started = time.time()
@@ -112,7 +113,7 @@ def embed_corpus(
     manifest = store.read_manifest() or {"version": MANIFEST_VERSION, "job": job, "model": model, "runs": []}
     store.write_manifest({**manifest, "status": "running"})
 
-    progress = {"rows": 0, "shards_written": 0, "max_open_shards": 0}
+    progress: dict[str, Any] = {"rows": 0, "shards_written": 0, "max_open_shards": 0}
     if pending:
         pool = resolve_actor_pool(
             num_actors, min_actors, max_actors, num_gpus_per_actor, max_decoders, _cluster_resources()
@@ -150,8 +151,9 @@ def embed_corpus(
             "runs": manifest["runs"] + [run],
         }
     )
+    steady = f"; {run['steady_rows_per_s']} rows/s after {run['startup_s']} s start-up" if "startup_s" in run else ""
     print(
-        f"vembed embed: {progress['rows']} rows in {seconds:.1f} s ({run['rows_per_s']} rows/s), "
+        f"vembed embed: {progress['rows']} rows in {seconds:.1f} s ({run['rows_per_s']} rows/s{steady}), "
         f"{counts['errors']} errors in total, {progress['shards_written']} shards written, {len(done)} already done "
         f"-> {store.root.uri}",
         flush=True,
@@ -161,13 +163,22 @@ def embed_corpus(
 
 def _write_shards(
     dataset: Any, store: OutputStore, pending: list[Shard], shard_size: int, fmt: str, fail_after: int | None
-) -> dict[str, int]:
-    """Stream the dataset's rows into their shards and write each shard as soon as it is complete."""
+) -> dict[str, Any]:
+    """Stream the dataset's rows into their shards and write each shard as soon as it is complete.
+
+    Returns this run's progress: ``rows``, ``shards_written``, ``max_open_shards``, ``startup_s`` (until the first
+    rows came back: actor start-up, model loading, the first batch) and ``steady_rows_per_s`` (after that).
+    """
     # In-order output: rows arrive in corpus order, so the driver holds one partly filled shard at a time.
     dataset.context.execution_options.preserve_order = True
     assembler = ShardAssembler(pending, shard_size)
-    progress = {"rows": 0, "shards_written": 0, "max_open_shards": 0}
+    progress: dict[str, Any] = {"rows": 0, "shards_written": 0, "max_open_shards": 0}
+    start = time.perf_counter()
+    first: tuple[float, int] | None = None  # (time, rows) of the first batch
+    received = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        received += len(batch["position"])
+        first = first or (time.perf_counter(), received)
         for shard, columns in assembler.add(batch):
             store.write_shard(shard, *split_rows(columns, fmt))
             progress["rows"] += len(shard)
@@ -177,6 +188,10 @@ def _write_shards(
         progress["max_open_shards"] = max(progress["max_open_shards"], assembler.open_shards)
     if assembler.remaining:
         raise RuntimeError(f"the pipeline ended with {assembler.remaining} shards incomplete; rerun to finish")
+    if first is not None:
+        after = time.perf_counter() - first[0]
+        progress["startup_s"] = round(first[0] - start, 3)
+        progress["steady_rows_per_s"] = round((received - first[1]) / after, 2) if after > 0 else None
     return progress
 
 
