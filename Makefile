@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/vembed demo --output demo_output
+
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
 
