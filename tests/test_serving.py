@@ -337,7 +337,7 @@ def test_replica_survives_every_bad_request(http, predictor, replica_at_start):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_64_concurrent_requests_each_get_their_own_answer(base_url, predictor):
+def test_64_concurrent_requests_each_get_their_own_answer(base_url, http, predictor):
     texts = [f"request {i}: a {'red green blue yellow'.split()[i % 4]} shape number {i}" for i in range(64)]
     dims = [None, 8, 16, None][:4]
 
@@ -355,6 +355,10 @@ def test_64_concurrent_requests_each_get_their_own_answer(base_url, predictor):
         async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120, limits=limits) as client:
             return await asyncio.gather(*(one(client, i) for i in range(64)))
 
+    before = http.get("/health").json()["batches"]["text"]
     results = asyncio.run(all_at_once())
+    after = http.get("/health").json()["batches"]["text"]
+    assert after["items"] - before["items"] == 64
+    assert after["batches"] - before["batches"] < 64  # requests shared forward passes
     for i, got in enumerate(results):
         np.testing.assert_allclose(got, predictor.encode_text(texts[i], dimension=dims[i % 4]), atol=ATOL)

@@ -235,8 +235,8 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
 
     @app.get("/health", response_model=HealthResponse, tags=["probes"])
     async def health() -> HealthResponse:
-        """Liveness: the replica's event loop answers."""
-        return HealthResponse(replica=replica_id)
+        """Liveness: the replica's event loop answers; with its batch counters (how full batches run)."""
+        return HealthResponse(replica=replica_id, batches=service.batch_stats)
 
     @app.get("/ready", response_model=ReadyResponse, tags=["probes"], responses={503: {"model": ErrorResponse}})
     async def ready() -> ReadyResponse:

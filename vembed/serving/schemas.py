@@ -123,9 +123,17 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class BatchStats(BaseModel):
+    """Counters of one batch queue of a replica: ``items / batches`` is how well batches fill."""
+
+    batches: int = Field(0, description="forward passes run by this queue")
+    items: int = Field(0, description="items they encoded")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     replica: str = Field(description="id of the replica that answered")
+    batches: dict[str, BatchStats] = Field(description="per queue ('text', 'image') since the replica started")
 
 
 class ReadyResponse(BaseModel):
