@@ -16,8 +16,11 @@ from typing import Any, Literal
 
 from vembed.serving.settings import ServeArgs
 
-# Shorter spellings of ServeArgs flags.
-FLAG_ALIASES: dict[str, list[str]] = {"num_replicas": ["--replicas"]}
+# Flags that differ from the field name (the first one is shown in the usage line).
+FLAG_NAMES: dict[str, list[str]] = {
+    "num_replicas": ["--replicas", "--num-replicas"],
+    "allowed_url_prefixes": ["--allowed-url-prefix"],  # repeatable, one prefix each
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detach", action="store_true", help="deploy and return instead of serving until Ctrl-C")
     group = parser.add_argument_group("model, scaling, batching and limits (the keys of configs/serve.yaml args)")
     for name, field in ServeArgs.model_fields.items():
-        flags = [f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, [])]
+        flags = FLAG_NAMES.get(name, [f"--{name.replace('_', '-')}"])
         help_text = field.description or name
         if field.default is not None and not field.is_required() and field.default_factory is None:
             help_text += f" (default: {field.default})"
