@@ -239,6 +239,7 @@ def test_models_probes_and_openapi(http, oai, base_url, predictor):
         ready = anonymous.get("/ready").json()
         assert ready == {"status": "ready", "model": MODEL, "embedding_dim": predictor.embedding_dim}
         schema = anonymous.get("/openapi.json").json()
+        assert anonymous.get("/docs").status_code == 200
     assert {"/v1/embeddings", "/embed/text", "/embed/image", "/similarity", "/v1/models", "/health", "/ready"} <= set(
         schema["paths"]
     )

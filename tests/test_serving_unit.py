@@ -237,6 +237,9 @@ def test_urls_only_under_allowed_prefixes_without_redirects(image_http_server):
     assert read_image_source(f"{base}/allowed/a.png", args, "p") == (root / "allowed" / "a.png").read_bytes()
     cases = {
         f"{base}/private.png": (403, "url_not_allowed"),
+        f"{base}/allowed/../private.png": (403, "url_not_allowed"),  # dot segments would leave the prefix
+        f"{base}/allowed/%2e%2e/private.png": (403, "url_not_allowed"),
+        f"{base}/allowed\\..\\private.png": (403, "url_not_allowed"),
         f"{base}/allowed/jump": (400, "image_fetch_failed"),  # the redirect leaves the prefix: not followed
         f"{base}/allowed/missing.png": (400, "image_fetch_failed"),
         f"{base}/allowed/big.png": (413, "image_too_large"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -117,8 +118,16 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} not followed", headers, fp)
 
 
+def _escapes_prefix(url: str) -> bool:
+    """Dot segments (``/allowed/../private``, also percent-encoded), backslashes or credentials could make the
+    server fetch outside an allowed prefix that the raw string starts with."""
+    parts = urllib.parse.urlsplit(url)
+    path = urllib.parse.unquote(parts.path)
+    return "@" in parts.netloc or "\\" in url or any(seg in (".", "..") for seg in path.split("/"))
+
+
 def _fetch_url(url: str, args: ServeArgs, param: str) -> bytes:
-    if not any(url.startswith(prefix) for prefix in args.allowed_url_prefixes):
+    if _escapes_prefix(url) or not any(url.startswith(prefix) for prefix in args.allowed_url_prefixes):
         raise APIError(
             403, f"{param}: this server does not fetch this URL; {INLINE_HELP}", param=param, code="url_not_allowed"
         )
