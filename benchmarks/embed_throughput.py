@@ -208,6 +208,7 @@ def main() -> None:
     paths = make_images(args.work, largest)
     manifest = write_manifest(args.work, paths[: args.images])
     costs = stage_costs(model, paths)
+    load_before = os.getloadavg()[0]  # other work on the machine skews (a) vs (b): read ratios with it in mind
 
     import ray
 
@@ -222,7 +223,10 @@ def main() -> None:
     job_rate, steady_rate = (statistics.median(run[key] for run in job) for key in ("end_to_end", "steady"))
     print_table(
         [
-            ("CPU cores", f"{os.cpu_count()}"),
+            (
+                "CPU cores; 1-min load average before / after",
+                f"{os.cpu_count()}; {load_before:.1f} / {os.getloadavg()[0]:.1f}",
+            ),
             ("decode + preprocess, 1 thread (ms/image)", f"{costs['decode_ms']:.2f}"),
             ("small ViT forward, 1 thread (ms/image)", f"{costs['model_ms']:.2f}"),
             (f"(a) plain loop, {args.images} images (images/s)", f"{plain_rate:.1f}"),
