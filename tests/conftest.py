@@ -24,6 +24,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to a cluster another test (or `ray start`) left running
             num_cpus=RAY_NUM_CPUS,
             include_dashboard=False,
             log_to_driver=False,

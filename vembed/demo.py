@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     elif not ray.is_initialized():
         # The Ray Data pipeline needs a CPU slot for reading and one for its preprocessing actor besides the
         # workers' slots; on a small machine the demo oversubscribes logical CPUs so all of them fit.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
     result = run_training(
         {
             "model_name": str(base),
