@@ -137,12 +137,13 @@ def main() -> None:
     ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)  # +1: room for Ray Data beside 2 workers
     peak = matmul_peak(cores)
     plain, flops_per_step = plain_loop(cfg, args.steps, cores)
-    rates = {
-        "(a) plain PyTorch loop": plain,
-        "(b) vembed num_workers=0": vembed_run(cfg, 0, cores, work / "local"),
-        "(c) TorchTrainer 1 worker": vembed_run(cfg, 1, cores, work / "ray1"),
-        "(d) TorchTrainer 2 workers DDP": vembed_run(cfg, 2, max(1, cores // 2), work / "ray2"),
-    }
+    rates = {"(a) plain PyTorch loop": plain}
+    print(f"(a) {plain:.1f} samples/s", flush=True)
+    cases = [("(b) vembed num_workers=0", 0, cores), ("(c) TorchTrainer 1 worker", 1, cores)]
+    cases.append(("(d) TorchTrainer 2 workers DDP", 2, max(1, cores // 2)))
+    for name, workers, threads in cases:
+        rates[name] = vembed_run(cfg, workers, threads, work / f"workers{workers}")
+        print(f"{name}: {rates[name]:.1f} samples/s", flush=True)
     ray.shutdown()
 
     flops_per_sample = flops_per_step / args.batch_size
