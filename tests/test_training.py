@@ -179,7 +179,9 @@ def test_distillation_uses_a_frozen_teacher(tiny_clip_dir, shapes_small, tmp_pat
     assert all(not p.requires_grad for p in trainer.teacher.parameters())
     assert _max_diff(teacher_before, _weights(trainer.teacher)) == 0
     losses = [m["loss"] for m in trainer.history]
-    assert losses[-1] < losses[0], losses  # the student moves towards the teacher's similarities
+    per_epoch = len(losses) // 3  # the same batches every epoch: compare the first epoch's mean with the last's
+    first, last = sum(losses[:per_epoch]) / per_epoch, sum(losses[-per_epoch:]) / per_epoch
+    assert last < first, losses  # the student moves towards the teacher's similarities
 
 
 def test_bf16_autocast_step_runs_on_cpu(tiny_clip_dir, shapes_small, tmp_path):
