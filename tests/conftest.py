@@ -22,15 +22,22 @@ def ray_local():
     """One local Ray instance for the whole session (127.0.0.1 only, no dashboard)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",  # never attach to a cluster another test (or `ray start`) left running
-            num_cpus=RAY_NUM_CPUS,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-        )
+    for attempt in (1, 2):  # a heavily loaded machine can miss Ray's node start-up deadline once
+        try:
+            if not ray.is_initialized():
+                ray.init(
+                    address="local",  # never attach to a cluster another test (or `ray start`) left running
+                    num_cpus=RAY_NUM_CPUS,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                    runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+                )
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 
