@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop a cluster started by cluster/local/start.sh: every node (workers first, then the head) or only the named
 # ones. Only the processes this cluster started are signalled: each node is a `ray start --block` process that
-# leads its own process group, so the node and everything it spawned (raylet, GCS, agents, Ray workers) go with it.
+# leads its own process group (raylet, GCS, agents), plus the Ray workers below it in the process tree.
 set -uo pipefail
 
 usage() {
@@ -43,6 +43,16 @@ fi
 
 group_alive() { kill -0 -- "-$1" 2>/dev/null; }
 
+# descendants PID: every process below PID. The raylet starts each Ray worker in a process group of its own, so
+# signalling the node's group does not reach them; their pids are collected before the node goes.
+descendants() {
+  local child
+  for child in $(ps -eo pid=,ppid= | awk -v parent="$1" '$2 == parent {print $1}'); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+
 # stop_node NAME: signal the node's process group, wait for it to go, escalate to SIGKILL.
 stop_node() {
   local name=$1 pidfile=$DIR/pids/$1.pid
@@ -58,8 +68,11 @@ stop_node() {
     echo "$name: already stopped"
     return 0
   fi
+  local workers
+  workers=$(descendants "$pid")
   if (( KILL )); then
-    kill -KILL -- "-$pid" 2>/dev/null
+    # shellcheck disable=SC2086
+    kill -KILL -- "-$pid" $workers 2>/dev/null
   else
     kill -TERM "$pid" 2>/dev/null  # `ray start --block` drains the node and stops its processes
   fi
@@ -73,6 +86,9 @@ stop_node() {
     kill -KILL -- "-$pid" 2>/dev/null
     sleep 1
   fi
+  # Ray workers outlive their node only briefly (they exit when their raylet goes); do not wait for that.
+  # shellcheck disable=SC2086
+  [[ -n "$workers" ]] && kill -KILL $workers 2>/dev/null
   rm -f "$pidfile"
   echo "$name: stopped"
 }
