@@ -6,12 +6,15 @@ FROM rayproject/ray:2.60.0-py311-gpu
 # Entrypoints and configs live here; cluster manifests call them by absolute path.
 WORKDIR /home/ray/vembed
 
-# Dependencies first (cached while only the code changes), then the package itself.
+# The package and its dependencies (torch, transformers, peft; Ray itself is already in the base image).
+# Installed in place (-e): vembed reads its key defaults from configs/defaults.yaml next to the package.
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users vembed ./vembed
-RUN pip install --no-cache-dir . && python -c "import vembed, torch, transformers, peft"
-
 COPY --chown=ray:users configs ./configs
+RUN pip install --no-cache-dir -e . \
+    && python -c "from vembed.config import load_base_config; load_base_config(); import torch, transformers, peft"
+
+# Job entrypoints, called by absolute path from the manifests.
 COPY --chown=ray:users ray_jobs ./ray_jobs
 
 ENV TOKENIZERS_PARALLELISM=false \
