@@ -19,9 +19,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
-if not DEFAULTS_PATH.exists():  # installed as a wheel: defaults ship inside the package
-    DEFAULTS_PATH = Path(__file__).resolve().parent / "defaults.yaml"
+# configs/defaults.yaml, reached through the package's own link to it (which a wheel install copies in)
+DEFAULTS_PATH = (Path(__file__).parent / "defaults.yaml").resolve()
 
 # Other spellings users reach for; each maps to exactly one canonical key.
 ALIASES: dict[str, str] = {
