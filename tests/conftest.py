@@ -14,7 +14,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RAY_NUM_CPUS = int(os.environ.get("VEMBED_TEST_RAY_CPUS", "4"))
+# Logical CPUs of the session's Ray instance: more than the machine's 2 cores, so a Ray Train run (workers + the
+# Ray Data read tasks and preprocessing actors of its train and val pipelines) never waits on a CPU slot that
+# an earlier test's lingering actor still holds.
+RAY_NUM_CPUS = int(os.environ.get("VEMBED_TEST_RAY_CPUS", "8"))
 
 
 @pytest.fixture(scope="session")

@@ -107,10 +107,11 @@ def test_two_workers_take_the_same_step_as_one_process(strategy, ray_local, tiny
 
 
 def test_more_workers_than_the_cluster_has_is_a_clear_error(ray_local, tiny_clip_dir, one_batch, tmp_path):
-    with pytest.raises(ConfigError, match=r"num_workers=64 needs 64 CPU .* cluster has 4"):
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    with pytest.raises(ConfigError, match=rf"num_workers=64 needs 64 CPU .* cluster has {cpus}"):
         run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=64))
     with pytest.raises(ConfigError, match="leaving none for the Ray Data preprocessing"):
-        run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=4))
+        run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=cpus))
 
 
 def test_empty_and_malformed_data_fail_before_training(ray_local, tiny_clip_dir, one_batch, tmp_path):
