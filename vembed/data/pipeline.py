@@ -34,6 +34,7 @@ import pyarrow as pa
 import ray
 import torch
 from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.data.batching import BadRecord, build_batch, check_bad_record_policy, trim_text_padding
@@ -91,7 +92,10 @@ class BadRecordCounter:
     """
 
     def __init__(self, max_examples: int = 20) -> None:
-        self._actor = _BadRecordTally.remote(max_examples)
+        # Pinned to the driver's node: if that node dies the job ends anyway, while an actor on a worker node
+        # would die with it and break every restarted attempt that reports to it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._actor = _BadRecordTally.options(scheduling_strategy=here).remote(max_examples)
 
     def add(self, bad: Sequence[BadRecord]) -> None:
         """Record dropped records (waits for the actor so a later :meth:`total` includes them)."""
