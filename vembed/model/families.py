@@ -211,11 +211,9 @@ class EncoderFamily(nn.Module, abc.ABC):
         return {}
 
 
-class TextFamily(EncoderFamily):
-    """A single HF text encoder, pooled by the configured method."""
+class _SingleBackboneFamily(EncoderFamily):
+    """A family of one HF encoder saved at the directory root (text-only and image-only models)."""
 
-    name = "text"
-    modalities = ("text",)
     backbone_dirs = {"backbone": ""}
 
     def __init__(
@@ -224,6 +222,13 @@ class TextFamily(EncoderFamily):
         super().__init__(pooling, sources)
         self.backbone = backbones["backbone"]
         _freeze_hf_pooler(self.backbone)
+
+
+class TextFamily(_SingleBackboneFamily):
+    """A single HF text encoder, pooled by the configured method."""
+
+    name = "text"
+    modalities = ("text",)
 
     @classmethod
     def resolve_pooling(cls, method, modality, backbones, sources):
@@ -240,19 +245,11 @@ class TextFamily(EncoderFamily):
         return _pooled(states, attention_mask, self.pooling["text"])
 
 
-class ImageFamily(EncoderFamily):
+class ImageFamily(_SingleBackboneFamily):
     """A single HF image encoder (ViT / DINOv2), pooled by the configured method (``auto`` = class token)."""
 
     name = "image"
     modalities = ("image",)
-    backbone_dirs = {"backbone": ""}
-
-    def __init__(
-        self, backbones: Mapping[str, PreTrainedModel], pooling: Mapping[str, str], sources: Mapping[str, str]
-    ):
-        super().__init__(pooling, sources)
-        self.backbone = backbones["backbone"]
-        _freeze_hf_pooler(self.backbone)
 
     @classmethod
     def resolve_pooling(cls, method, modality, backbones, sources):
