@@ -53,6 +53,14 @@ def test_load_and_parse_config_without_file_reads_overrides_only():
     assert cfg.learning_rate == 0.5 and cfg.use_lora is True
 
 
+def test_unquoted_no_from_yaml_means_the_choice_no(tmp_path):
+    # YAML 1.1 reads `no` as false; for a key whose choices include "no" that is what the user meant.
+    cfg = load_and_parse_config(["--config_override", "mixed_precision=no"])
+    assert cfg.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="strategy"):
+        as_config({"strategy": False})
+
+
 def test_load_and_parse_config_reads_sys_argv(monkeypatch, tmp_path):
     monkeypatch.setattr("sys.argv", ["prog", "--config_override", "epochs=7"])
     assert load_and_parse_config().epochs == 7

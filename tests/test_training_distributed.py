@@ -24,7 +24,7 @@ from vembed.losses.factory import LossFactory
 from vembed.model import EmbeddingModel
 from vembed.testing import make_shapes_dataset
 from vembed.training.config import as_config
-from vembed.training.launcher import run_training
+from vembed.training.launcher import build_trainer, run_training
 from vembed.training.model_builder import build_model, load_processor
 from vembed.training.optimizer_builder import build_optimizer
 
@@ -110,8 +110,19 @@ def test_more_workers_than_the_cluster_has_is_a_clear_error(ray_local, tiny_clip
     cpus = int(ray_local.cluster_resources()["CPU"])
     with pytest.raises(ConfigError, match=rf"num_workers=64 needs 64 CPU .* cluster has {cpus}"):
         run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=64))
-    with pytest.raises(ConfigError, match="leaving none for the Ray Data preprocessing"):
-        run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=cpus))
+    # One CPU left is not enough: the data pipeline needs a read task and a preprocessing actor.
+    with pytest.raises(ConfigError, match=r"would leave 1 of .* CPUs for the Ray Data preprocessing .* needs 2"):
+        run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=cpus - 1))
+
+
+def test_autoscaling_cluster_skips_the_size_check_and_placement_is_passed_on(
+    ray_local, tiny_clip_dir, one_batch, tmp_path
+):
+    # On an autoscaling cluster the nodes that will host the workers are not up yet: no error, Ray Train waits.
+    cfg = _config(tiny_clip_dir, one_batch, tmp_path, num_workers=64, wait_for_resources=True)
+    trainer = build_trainer(cfg.replace(placement_strategy="SPREAD"))
+    assert trainer.scaling_config.num_workers == 64
+    assert trainer.scaling_config.placement_strategy == "SPREAD"
 
 
 def test_empty_and_malformed_data_fail_before_training(ray_local, tiny_clip_dir, one_batch, tmp_path):

@@ -112,6 +112,8 @@ class VEmbedConfig:
     use_gpu: Literal["auto", True, False]
     resources_per_worker: dict[str, float]
     strategy: Literal["ddp", "fsdp"]
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+    wait_for_resources: bool
     fsdp_cpu_offload: bool
     torch_threads: int
     storage_path: Optional[str]
@@ -204,6 +206,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
                 return value
         if isinstance(value, str) and value.lower() in ("true", "false") and True in args:
             return value.lower() == "true"
+        if value is False and "no" in args:  # YAML 1.1 reads an unquoted `no` as false
+            return "no"
         fail()
     if origin is list:
         if value is None:

@@ -24,6 +24,10 @@ from vembed.training.worker import make_loop_config, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
+DATA_PIPELINE_CPUS = 2
+"""CPUs the training data pipeline needs next to the workers: one read task plus one preprocessing actor.
+With fewer, the workers wait for batches that are never produced."""
+
 
 def resolve_run_paths(config: VEmbedConfig) -> VEmbedConfig:
     """Absolute ``output_dir`` and ``storage_path`` (workers run in other directories), and a ``run_name``.
@@ -72,17 +76,19 @@ def check_cluster_fits(config: VEmbedConfig, use_gpu: bool) -> None:
         if needed > have:
             raise ConfigError(
                 f"num_workers={config.num_workers} needs {needed:g} {name} ({amount:g} per worker) but the Ray "
-                f"cluster has {have:g}; lower num_workers or resources_per_worker, or add nodes"
+                f"cluster has {have:g}; lower num_workers or resources_per_worker, or add nodes (on an "
+                "autoscaling cluster, set wait_for_resources: true to let the autoscaler add them)"
             )
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not any(all(node.get(k, 0.0) >= v for k, v in per_worker.items()) for node in nodes):
         raise ConfigError(f"no node of the Ray cluster can host one worker needing {per_worker}")
     cpus_left = total.get("CPU", 0.0) - per_worker.get("CPU", 0.0) * config.num_workers
-    if cpus_left < 1:
+    if cpus_left < DATA_PIPELINE_CPUS:
         raise ConfigError(
-            f"num_workers={config.num_workers} would take all {total.get('CPU', 0.0):g} CPUs of the Ray cluster, "
-            "leaving none for the Ray Data preprocessing that feeds them; lower num_workers or "
-            "resources_per_worker.CPU"
+            f"num_workers={config.num_workers} would leave {max(cpus_left, 0.0):g} of the Ray cluster's "
+            f"{total.get('CPU', 0.0):g} CPUs for the Ray Data preprocessing that feeds the workers, which needs "
+            f"{DATA_PIPELINE_CPUS} (a read task and a preprocessing actor); lower num_workers or "
+            "resources_per_worker.CPU, or add CPUs"
         )
 
 
@@ -114,7 +120,10 @@ def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
     ensure_ray()
     use_gpu = wants_gpu(cfg)
     cfg = cfg.replace(use_gpu=use_gpu)  # workers see the decision, not "auto"
-    check_cluster_fits(cfg, use_gpu)
+    if cfg.wait_for_resources:
+        logger.info("wait_for_resources: not checking the cluster's current size; Ray Train waits for the workers")
+    else:
+        check_cluster_fits(cfg, use_gpu)
     from vembed.data.pipeline import train_ingest_options
 
     datasets, num_records, bad_records = build_datasets(cfg)
@@ -122,6 +131,7 @@ def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
         num_workers=cfg.num_workers,
         use_gpu=use_gpu,
         resources_per_worker=worker_resources(cfg, use_gpu) if cfg.num_workers else None,
+        placement_strategy=cfg.placement_strategy,
     )
     run_config = ray.train.RunConfig(
         name=cfg.run_name,
