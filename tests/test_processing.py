@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from vembed.data.images import BadImageError, decode_image, load_image, read_bytes
+from vembed.data.images import BadImageError, ImageTooLargeError, decode_image, load_image, read_bytes
 from vembed.data.processing import Preprocessor
 from vembed.model import EmbeddingModel
 
@@ -51,9 +51,10 @@ def test_decode_image_rejects_text_named_jpg(tmp_path):
 
 
 def test_decode_image_guards_against_bombs():
-    with pytest.raises(BadImageError, match="more than max_pixels=100"):
+    with pytest.raises(ImageTooLargeError, match="more than max_pixels=100"):  # a BadImageError too
         decode_image(_jpeg((20, 20)), "big.jpg", max_pixels=100)
     assert decode_image(_jpeg((20, 20)), "ok.jpg", max_pixels=400).size == (20, 20)
+    assert issubclass(ImageTooLargeError, BadImageError)  # pipelines that skip bad images skip these too
 
 
 def test_exif_orientation_is_applied():

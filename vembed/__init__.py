@@ -4,23 +4,17 @@
 :class:`vembed.inference.VEmbedFactoryPredictor` (imported on first use, so ``import vembed`` stays light).
 """
 
-from typing import Any
+from vembed.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 __all__ = ["Predictor", "Trainer", "VEmbedFactoryPredictor", "VEmbedFactoryTrainer"]
 
-_LAZY = {
-    "Trainer": ("vembed.trainer", "VEmbedFactoryTrainer"),
-    "VEmbedFactoryTrainer": ("vembed.trainer", "VEmbedFactoryTrainer"),
-    "Predictor": ("vembed.inference", "VEmbedFactoryPredictor"),
-    "VEmbedFactoryPredictor": ("vembed.inference", "VEmbedFactoryPredictor"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'vembed' has no attribute {name!r}")
+__getattr__ = lazy_getattr(
+    "vembed",
+    {
+        "Trainer": "vembed.trainer:VEmbedFactoryTrainer",
+        "VEmbedFactoryTrainer": "vembed.trainer",
+        "Predictor": "vembed.inference:VEmbedFactoryPredictor",
+        "VEmbedFactoryPredictor": "vembed.inference",
+    },
+)

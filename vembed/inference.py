@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vembed.data.images import load_image
+from vembed.data.images import IMAGE_EXTENSIONS, load_image
 from vembed.data.processing import Preprocessor
 from vembed.model import EmbeddingModel, finalize_embeddings
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POOLING_METHODS = ("cls", "mean", "last")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def _check_model_path(model_path: str | os.PathLike) -> str:

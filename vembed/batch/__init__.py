@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vembed.lazy import lazy_getattr
 
 _EXPORTS = {
     "embed_corpus": "vembed.batch.job",
@@ -20,7 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vembed.batch' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr("vembed.batch", _EXPORTS)

@@ -5,21 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vembed.argtypes import non_negative_float, positive_int
 from vembed.batch.options import DTYPES, FORMATS, MODALITIES
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,37 +26,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="manifest column with image paths or texts (default: path/image/image_path/file, or text)",
     )
     parser.add_argument("--image-root", default=None, help="folder that relative manifest paths are relative to")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="rows per model call")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="rows per model call")
     parser.add_argument(
-        "--shard-size", type=_positive_int, default=4096, help="rows per output shard (the unit of resume)"
+        "--shard-size", type=positive_int, default=4096, help="rows per output shard (the unit of resume)"
     )
     parser.add_argument(
         "--num-actors",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="fixed number of model actors (or use --min/--max-actors)",
     )
-    parser.add_argument("--min-actors", type=_positive_int, default=None, help="autoscaling pool: fewest model actors")
-    parser.add_argument("--max-actors", type=_positive_int, default=None, help="autoscaling pool: most model actors")
+    parser.add_argument("--min-actors", type=positive_int, default=None, help="autoscaling pool: fewest model actors")
+    parser.add_argument("--max-actors", type=positive_int, default=None, help="autoscaling pool: most model actors")
     parser.add_argument(
         "--num-gpus-per-actor",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)",
     )
     parser.add_argument(
         "--max-decoders",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="most image decode workers, 1 CPU each (default: the CPUs the model actors leave free)",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model compute dtype")
-    parser.add_argument("--dim", type=_positive_int, default=None, help="Matryoshka dimension (default: full size)")
+    parser.add_argument("--dim", type=positive_int, default=None, help="Matryoshka dimension (default: full size)")
     parser.add_argument("--format", choices=FORMATS, default="float32", help="stored embedding dtype")
     parser.add_argument("--overwrite", action="store_true", help="delete earlier output in --output and start over")
     parser.add_argument(
         "--fail-after-shards",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=argparse.SUPPRESS,  # fault injection for tests: the driver kills itself after writing N shards
     )

@@ -17,10 +17,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from vembed.batch.options import MODALITIES
-from vembed.data.images import resolve_location
+from vembed.data.images import IMAGE_EXTENSIONS, resolve_location
 from vembed.data.readers import EmptyDatasetError, RecordFileError, iter_raw_records, record_format
 from vembed.data.records import SOURCE_FIELD
-from vembed.inference import IMAGE_EXTENSIONS
 
 Modality = Literal["image", "text"]
 # Column names tried, in order, when the caller does not name the source column.

@@ -20,8 +20,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS: int = 89_478_485
 
 
+#: file name endings read as images when a folder is listed (batch embedding) or a string is classified (Predictor)
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
 class BadImageError(ValueError):
     """An image could not be decoded (truncated, not an image, or too large); the message names its source."""
+
+
+class ImageTooLargeError(BadImageError):
+    """An image has more pixels than allowed (``max_pixels``, or PIL's decompression-bomb limit)."""
 
 
 def _is_uri(text: str) -> bool:
@@ -77,7 +85,8 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int | None = 
         max_pixels: refuse images with more pixels than this (decompression-bomb guard); None disables it.
 
     Raises:
-        BadImageError: empty, truncated or non-image data, or more than ``max_pixels`` pixels.
+        BadImageError: empty, truncated or non-image data; its subclass ImageTooLargeError for more than
+            ``max_pixels`` pixels.
     """
     if not data:
         raise BadImageError(f"{source}: empty image data")
@@ -85,7 +94,7 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int | None = 
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
-                raise BadImageError(
+                raise ImageTooLargeError(
                     f"{source}: {width}x{height} image has {width * height} pixels, more than max_pixels={max_pixels}"
                 )
             image.load()  # decode everything now: truncation surfaces here, not later in a worker
@@ -94,7 +103,7 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int | None = 
     except BadImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise BadImageError(f"{source}: refused as a decompression bomb ({exc})") from exc
+        raise ImageTooLargeError(f"{source}: refused as a decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise BadImageError(f"{source}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data

@@ -7,8 +7,7 @@ on first use, so importing ``vembed.evaluation.cli`` (for ``vembed --help``) doe
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vembed.lazy import lazy_getattr
 
 _EXPORTS = {
     "LabelRelevance": "vembed.evaluation.metrics",
@@ -32,7 +31,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vembed.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr("vembed.evaluation", _EXPORTS)

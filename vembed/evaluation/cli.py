@@ -7,36 +7,16 @@ Only argparse is imported here; torch, transformers and Ray load when :func:`run
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vembed.argtypes import json_mapping, positive_int
 from vembed.data.records import RETRIEVAL_MODES
 
 if TYPE_CHECKING:
     from vembed.evaluation.evalset import EvalSet
     from vembed.evaluation.evaluator import Metrics
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _json_mapping(text: str) -> dict[str, str]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f'expected a JSON object such as \'{{"caption": "query"}}\': {exc}') from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object such as \'{{"caption": "query"}}\', got {text!r}')
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,17 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="BASELINE_MODEL",
         help="baseline model (e.g. the untrained start): the report shows both and the change in percentage points",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="items per model call (default: 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="items per model call (default: 32)")
     parser.add_argument(
         "--output", default=None, help="folder for metrics.json and metrics.md (and recall_at_k.png with matplotlib)"
     )
     parser.add_argument(
-        "--dims", type=_positive_int, nargs="+", default=None, help="Matryoshka dims to score, e.g. --dims 64 128"
+        "--dims", type=positive_int, nargs="+", default=None, help="Matryoshka dims to score, e.g. --dims 64 128"
     )
-    parser.add_argument("--ks", type=_positive_int, nargs="+", default=[1, 5, 10], help="cut-offs K (default: 1 5 10)")
+    parser.add_argument("--ks", type=positive_int, nargs="+", default=[1, 5, 10], help="cut-offs K (default: 1 5 10)")
     parser.add_argument("--image-root", default=None, help="folder (or URI) that relative image paths are relative to")
     parser.add_argument(
-        "--column-mapping", type=_json_mapping, default=None, help='rename columns, e.g. \'{"caption": "query"}\''
+        "--column-mapping", type=json_mapping, default=None, help='rename columns, e.g. \'{"caption": "query"}\''
     )
     parser.add_argument(
         "--relevance",
@@ -83,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output folder of `vembed embed` made with --model: its corpus is the candidate pool (implies --ray)",
     )
     ray.add_argument("--work-dir", default=None, help="where --ray batch jobs write (kept; a rerun resumes)")
-    ray.add_argument("--num-actors", type=_positive_int, default=None, help="model actors per --ray batch job")
+    ray.add_argument("--num-actors", type=positive_int, default=None, help="model actors per --ray batch job")
 
 
 def run(args: argparse.Namespace) -> int:
