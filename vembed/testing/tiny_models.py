@@ -81,6 +81,16 @@ def _train_wordpiece(vocab_size: int = 300) -> BertTokenizerFast:
     )
 
 
+def _tower(hidden: int) -> dict[str, int]:
+    """The size of every tiny transformer: 2 layers, 2 heads, width ``hidden``."""
+    return dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _vision_tower(hidden: int, image_size: int) -> dict[str, int]:
+    """A tiny ViT tower: :func:`_tower` over 8-pixel patches."""
+    return dict(_tower(hidden), image_size=image_size, patch_size=8)
+
+
 def _save(model: torch.nn.Module, processor, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -96,23 +106,13 @@ def make_tiny_clip(path: str | Path, seed: int = 0, hidden: int = HIDDEN, image_
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **_tower(hidden),
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=8,
-        ),
+        vision_config=_vision_tower(hidden, image_size),
         projection_dim=hidden,
     )
     image_processor = CLIPImageProcessorPil(
@@ -128,23 +128,13 @@ def make_tiny_siglip(path: str | Path, seed: int = 0, hidden: int = HIDDEN, imag
     config = SiglipConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **_tower(hidden),
             max_position_embeddings=64,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.cls_token_id,
             eos_token_id=tokenizer.sep_token_id,
         ),
-        vision_config=dict(
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=8,
-        ),
+        vision_config=_vision_tower(hidden, image_size),
     )
     image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     return _save(SiglipModel(config), SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer), path)
@@ -156,10 +146,7 @@ def make_tiny_bert(path: str | Path, seed: int = 0, hidden: int = HIDDEN) -> Pat
     tokenizer = _train_wordpiece()
     config = BertConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **_tower(hidden),
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -169,13 +156,6 @@ def make_tiny_bert(path: str | Path, seed: int = 0, hidden: int = HIDDEN) -> Pat
 def make_tiny_vit(path: str | Path, seed: int = 0, hidden: int = HIDDEN, image_size: int = IMAGE_SIZE) -> Path:
     """A 2-layer ViT-like image encoder with its image processor."""
     torch.manual_seed(seed)
-    config = ViTConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=8,
-    )
+    config = ViTConfig(**_vision_tower(hidden, image_size))
     processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
     return _save(ViTModel(config), processor, path)
