@@ -13,8 +13,13 @@ import sys
 
 from vembed.evaluation.cli import add_arguments, run
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ray_jobs/evaluate.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
     parser.set_defaults(ray=True)  # always embed with Ray Data here
-    sys.exit(run(parser.parse_args()))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
