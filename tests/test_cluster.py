@@ -8,11 +8,11 @@ submitted with the real ``ray job submit`` CLI; their status and logs are read w
 which carries the token as a header (nothing in this process switches on token auth).
 
 Placement: Ray Train packs a run's workers onto as few nodes as possible, and the Ray Data pipeline that feeds
-them needs 2 CPUs besides (a preprocessing actor and the read tasks). A worker asking for 5 CPUs fits once on each
-node, so the healthy two-worker run spans both nodes. The node-loss run uses 3-CPU workers, two of which the head
-(8 CPUs) can hold together with the pipeline; while it starts, another job holds 4 of the head's CPUs, so the
-workers land one per node; that job then ends, the worker node is killed, and Ray Train must restart both workers
-on the head. The node-loss test runs last: it leaves the cluster with the head only.
+them needs 2 CPUs besides (a preprocessing actor and the read tasks). The training job uses 3-CPU workers, two of
+which the head (8 CPUs) can hold together with the pipeline; while it starts, another job holds 4 of the head's
+CPUs, so the workers land one per node (the run spans both nodes); that job then ends, the worker node is killed,
+and Ray Train must restart both workers on the head. One job does all this because every Ray Train start costs
+about a minute on 2 cores. The node-loss test runs last: it leaves the cluster with the head only.
 """
 
 from __future__ import annotations
@@ -217,46 +217,6 @@ def _checkpoint_history(output_dir: Path, run_name: str) -> list[dict]:
     return sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["epoch"])
 
 
-def test_train_then_embed_jobs_run_across_both_nodes(cluster, job_data, tmp_path):
-    from vembed.batch.writer import read_embeddings
-    from vembed.inference import VEmbedFactoryPredictor
-
-    head, worker = cluster.node_id(head=True), cluster.node_id(head=False)
-    out = tmp_path / "train"
-    entrypoint = _train_entrypoint(
-        job_data, out, "run_name=two_nodes", "epochs=2", "resources_per_worker={CPU: 5}", "max_failures=0"
-    )
-    _submit(cluster, "train-two-nodes", entrypoint)
-    assert _wait(cluster, "train-two-nodes") == "SUCCEEDED", _logs(cluster, "train-two-nodes")
-
-    printed = _printed_result(cluster.client().get_job_logs("train-two-nodes"))
-    assert printed["output_dir"] == str(out)
-    assert printed["metrics"]["epoch"] == 2 and printed["metrics"]["world_size"] == 2
-    assert sorted(printed["metrics"]["worker_node_ids"]) == sorted([head, worker]), "one worker per node"
-    checkpoint = out / "checkpoint-epoch-2"
-    predictor = VEmbedFactoryPredictor(str(checkpoint))
-    vectors = predictor.encode_text(["a red circle", "a blue square"])
-    assert vectors.shape == (2, predictor.embedding_dim) and np.isfinite(vectors).all()
-
-    embeddings = tmp_path / "embeddings"
-    _submit(
-        cluster,
-        "embed-images",
-        ["python", "ray_jobs/embed.py", "--model", str(checkpoint), "--input", str(job_data["images"])]
-        + ["--output", str(embeddings), "--modality", "image", "--batch-size", "8", "--shard-size", "16"]
-        + ["--num-actors", "2"],
-    )
-    assert _wait(cluster, "embed-images") == "SUCCEEDED", _logs(cluster, "embed-images")
-
-    table = read_embeddings(str(embeddings))
-    images = sorted(p for p in Path(job_data["images"]).rglob("*.jpg"))
-    assert sorted(table.column("id").to_pylist()) == sorted(str(p.relative_to(job_data["images"])) for p in images)
-    by_id = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist(), strict=True))
-    expected = predictor.encode_image([str(p) for p in images[:6]])
-    got = np.array([by_id[str(p.relative_to(job_data["images"]))] for p in images[:6]])
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
 def _status_of(url: str, token: str | None) -> int:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
@@ -296,8 +256,12 @@ def test_clients_without_the_token_are_refused(cluster, tmp_path):
     assert "InvalidAuthToken" in driver.stderr
 
 
-def test_training_survives_losing_the_worker_node(cluster, job_data, tmp_path):
-    """Kill the worker node mid-run: Ray Train restarts both workers on the head and the job still succeeds."""
+def test_training_spans_both_nodes_survives_losing_one_and_its_checkpoint_embeds_a_corpus(cluster, job_data, tmp_path):
+    """A training job starts one worker per node; the worker node is killed mid-run, Ray Train restarts both
+    workers on the head and the job still succeeds; an embedding job then embeds the images with its checkpoint."""
+    from vembed.batch.writer import read_embeddings
+    from vembed.inference import VEmbedFactoryPredictor
+
     head, worker = cluster.node_id(head=True), cluster.node_id(head=False)
     client = cluster.client()
     # Another job holds 4 of the head's 8 CPUs, so the two 3-CPU workers cannot both be packed onto the head.
@@ -341,9 +305,31 @@ def test_training_survives_losing_the_worker_node(cluster, job_data, tmp_path):
     assert killed.returncode == 0, killed.stdout + killed.stderr
 
     assert _wait(cluster, "train-node-loss") == "SUCCEEDED", _logs(cluster, "train-node-loss")
+    printed = _printed_result(client.get_job_logs("train-node-loss"))
+    assert printed["output_dir"] == str(out)
+    assert printed["metrics"]["epoch"] == epochs and printed["metrics"]["world_size"] == 2
     history = _checkpoint_history(out, "node_loss")
     assert [m["epoch"] for m in history] == list(range(1, epochs + 1))
     assert sorted(history[0]["worker_node_ids"]) == sorted([head, worker]), "before the loss: one worker per node"
     assert history[-1]["worker_node_ids"] == [head, head], "after the loss: both workers restarted on the head"
-    assert (out / f"checkpoint-epoch-{epochs}").is_dir()
     assert all(n["state"] == "DEAD" for n in cluster.nodes() if n["node_id"] == worker)
+
+    checkpoint = out / f"checkpoint-epoch-{epochs}"
+    predictor = VEmbedFactoryPredictor(str(checkpoint))
+    embeddings = tmp_path / "embeddings"
+    _submit(
+        cluster,
+        "embed-images",
+        ["python", "ray_jobs/embed.py", "--model", str(checkpoint), "--input", str(job_data["images"])]
+        + ["--output", str(embeddings), "--modality", "image", "--batch-size", "8", "--shard-size", "16"]
+        + ["--num-actors", "2"],
+    )
+    assert _wait(cluster, "embed-images") == "SUCCEEDED", _logs(cluster, "embed-images")
+
+    table = read_embeddings(str(embeddings))
+    images = sorted(p for p in Path(job_data["images"]).rglob("*.jpg"))
+    assert sorted(table.column("id").to_pylist()) == sorted(str(p.relative_to(job_data["images"])) for p in images)
+    by_id = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist(), strict=True))
+    expected = predictor.encode_image([str(p) for p in images[:6]])
+    got = np.array([by_id[str(p.relative_to(job_data["images"]))] for p in images[:6]])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
