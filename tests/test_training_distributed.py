@@ -144,7 +144,8 @@ def test_missing_image_fails_the_run_under_on_bad_record_fail(ray_local, tiny_cl
     records[5]["positive"] = str(tmp_path / "no_such_image.jpg")
     data = tmp_path / "missing.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = _config(tiny_clip_dir, {"train": data}, tmp_path, num_workers=1, on_bad_record="fail")
+    # In-process loop (num_workers=0): the same Ray Data pipeline and worker loop, without a worker-group start.
+    cfg = _config(tiny_clip_dir, {"train": data}, tmp_path, num_workers=0, on_bad_record="fail")
     with pytest.raises(Exception, match="no_such_image.jpg") as info:
         run_training(cfg)
     assert "on_bad_record" in str(info.value)
