@@ -134,7 +134,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)  # +1: room for Ray Data beside 2 workers
+    ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)  # +2: the data pipeline beside 2 workers
     peak = matmul_peak(cores)
     plain, flops_per_step = plain_loop(cfg, args.steps, cores)
     rates = {"(a) plain PyTorch loop": plain}

@@ -12,6 +12,9 @@ comparison sees the gradients' scale (with a small eps it would only see their s
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,6 +126,20 @@ def test_autoscaling_cluster_skips_the_size_check_and_placement_is_passed_on(
     trainer = build_trainer(cfg.replace(placement_strategy="SPREAD"))
     assert trainer.scaling_config.num_workers == 64
     assert trainer.scaling_config.placement_strategy == "SPREAD"
+
+
+def test_a_local_ray_started_for_training_has_room_for_the_workers_and_the_data_pipeline(tmp_path):
+    # `vembed train` on a 2-core laptop with num_workers=4: the local instance it starts gets 4 + 2 logical CPUs.
+    code = (
+        "import ray; from vembed.config import as_config; from vembed.training.launcher import ensure_ray; "
+        "ensure_ray(as_config({'num_workers': 4})); print('CPUS', int(ray.cluster_resources()['CPU']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"CPUS {max(os.cpu_count() or 1, 6)}" in done.stdout
 
 
 def test_empty_and_malformed_data_fail_before_training(ray_local, tiny_clip_dir, one_batch, tmp_path):

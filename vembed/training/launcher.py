@@ -10,6 +10,7 @@ that waits for resources forever), builds the Ray Data pipelines and hands every
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,10 +42,20 @@ def resolve_run_paths(config: VEmbedConfig) -> VEmbedConfig:
     return config.replace(output_dir=str(output_dir), storage_path=storage, run_name=config.run_name or output_dir.name)
 
 
-def ensure_ray() -> None:
-    """Connect to the cluster at ``RAY_ADDRESS`` when set, else start (or join) a local Ray instance."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+def ensure_ray(config: VEmbedConfig) -> None:
+    """Connect to the cluster at ``RAY_ADDRESS`` or one started here with ``ray start``; else start a local one.
+
+    A local instance gets at least as many logical CPUs as ``num_workers`` workers plus the data pipeline need,
+    so the default run works on a 2-core laptop too (the workers then share the cores).
+    """
+    if ray.is_initialized():
+        return
+    per_worker = config.resources_per_worker.get("CPU", 0.0 if config.use_gpu is True else 1.0)
+    needed = math.ceil(per_worker * config.num_workers) + DATA_PIPELINE_CPUS
+    try:
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=True)
+    except ValueError:  # RAY_ADDRESS or a cluster started with `ray start` was found: its size is its own
+        ray.init(log_to_driver=True)
 
 
 def wants_gpu(config: VEmbedConfig) -> bool:
@@ -117,7 +128,7 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any]:
 def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
     """A ready ``TorchTrainer`` for ``config`` (connects to Ray and checks the cluster first)."""
     cfg = resolve_run_paths(as_config(config))
-    ensure_ray()
+    ensure_ray(cfg)
     use_gpu = wants_gpu(cfg)
     cfg = cfg.replace(use_gpu=use_gpu)  # workers see the decision, not "auto"
     if cfg.wait_for_resources:
