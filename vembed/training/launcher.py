@@ -50,7 +50,8 @@ def ensure_ray(config: VEmbedConfig) -> None:
     """
     if ray.is_initialized():
         return
-    per_worker = config.resources_per_worker.get("CPU", 0.0 if config.use_gpu is True else 1.0)
+    # Before Ray is up, "auto" cannot see GPUs: size for CPU workers, the larger CPU reservation.
+    per_worker = worker_resources(config, use_gpu=config.use_gpu is True).get("CPU", 0.0)
     needed = math.ceil(per_worker * config.num_workers) + DATA_PIPELINE_CPUS
     try:
         ray.init(num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=True)
