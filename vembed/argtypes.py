@@ -5,28 +5,31 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def _checked(text: str, convert: Callable[[str], T], valid: Callable[[T], bool], expected: str) -> T:
+    """``convert(text)`` when it parses and passes ``valid``; else a usage error saying what was ``expected``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (batch sizes, counts, cut-offs)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+    return _checked(text, int, lambda value: value >= 1, "a positive integer")
 
 
 def non_negative_float(text: str) -> float:
     """A number >= 0 (timeouts, waits)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+    return _checked(text, float, lambda value: value >= 0, "a number >= 0")
 
 
 def json_mapping(text: str) -> dict[str, str]:
