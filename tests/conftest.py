@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Logical CPUs of the session's Ray instance: more than the machine's 2 cores, so a Ray Train run (workers + the
-# Ray Data read tasks and preprocessing actors of its train and val pipelines) never waits on a CPU slot that
+# Ray Data read and preprocessing tasks of its train and val pipelines) never waits on a CPU slot that
 # an earlier test's lingering actor still holds.
 RAY_NUM_CPUS = int(os.environ.get("VEMBED_TEST_RAY_CPUS", "8"))
 

@@ -8,7 +8,7 @@ submitted with the real ``ray job submit`` CLI; their status and logs are read w
 which carries the token as a header (nothing in this process switches on token auth).
 
 Placement: Ray Train packs a run's workers onto as few nodes as possible, and the Ray Data pipeline that feeds
-them needs 2 CPUs besides (a preprocessing actor and the read tasks). The training job uses 3-CPU workers, two of
+them needs 2 CPUs besides (its read and preprocessing tasks). The training job uses 3-CPU workers, two of
 which the head (8 CPUs) can hold together with the pipeline; while it starts, another job holds 4 of the head's
 CPUs, so the workers land one per node (the run spans both nodes); that job then ends, the worker node is killed,
 and Ray Train must restart both workers on the head. One job does all this because every Ray Train start costs

@@ -105,6 +105,12 @@ def test_mrl_weights_must_pair_with_dims():
         as_config({"mrl_dims": [8, 16], "mrl_weights": [1.0]})
 
 
+def test_preprocess_tasks_is_null_or_at_least_one():
+    assert as_config({"preprocess_tasks": 3}).preprocess_tasks == 3
+    with pytest.raises(ConfigError, match="preprocess_tasks=0"):
+        as_config({"preprocess_tasks": 0})
+
+
 def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = as_config({"epochs": 5, "column_mapping": {"caption": "query"}})
     path = cfg.save(tmp_path / "out" / "config.yaml")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vembed.data.batching import build_batch
-from vembed.data.pipeline import BadRecordCounter, build_train_dataset, iter_train_batches
+from vembed.data.pipeline import BadRecordCounter, PickledPreprocessor, build_train_dataset, iter_train_batches
 from vembed.data.processing import Preprocessor
 from vembed.data.readers import EmptyDatasetError, read_records
 from vembed.data.records import RecordError, RecordSchema
@@ -93,7 +93,7 @@ def test_equal_batches_bad_records_counted_and_seeded_epoch_order(ray_local, t2i
 def test_rows_are_exactly_what_build_batch_makes(ray_local, tmp_path, clip_pre):
     """Without shuffling, pipeline batch i == build_batch(records of batch i): one preprocessing path."""
     paths = make_shapes_dataset(tmp_path, num_train=9, num_val=0, num_test=0, mode="m2t", num_negatives=2)
-    cfg = {"retrieval_mode": "m2t", "shuffle": False}
+    cfg = {"retrieval_mode": "m2t", "shuffle": False, "preprocess_tasks": 1}
     batches = list(iter_train_batches(build_train_dataset(paths["train"], clip_pre, cfg), batch_size=3, cfg=cfg))
     records, _ = read_records(paths["train"], RecordSchema("m2t"))
     assert len(batches) == 3
@@ -102,6 +102,20 @@ def test_rows_are_exactly_what_build_batch_makes(ray_local, tmp_path, clip_pre):
         assert set(batch) == set(expected)
         for key, value in expected.items():
             np.testing.assert_array_equal(batch[key].numpy(), value, err_msg=f"batch {i} {key}")
+
+
+def test_a_worker_process_unpickles_the_preprocessor_once(clip_pre, tmp_path):
+    """Tasks ship the preprocessor as bytes; each process unpickles it on first use and reuses it after."""
+    shipped = PickledPreprocessor(clip_pre)
+    first = shipped.get()
+    assert first is not clip_pre  # a copy, as in a Ray worker process
+    assert shipped.get() is first
+    assert PickledPreprocessor(clip_pre).digest == shipped.digest  # equal content, one cache entry
+    paths = make_shapes_dataset(tmp_path, num_train=4, num_val=0, num_test=0)
+    records, _ = read_records(paths["train"], RecordSchema("t2i"))
+    expected, _ = build_batch(records, clip_pre, "t2i")
+    for key, value in build_batch(records, first, "t2i")[0].items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
 
 
 @pytest.mark.ray

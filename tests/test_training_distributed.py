@@ -113,7 +113,7 @@ def test_more_workers_than_the_cluster_has_is_a_clear_error(ray_local, tiny_clip
     cpus = int(ray_local.cluster_resources()["CPU"])
     with pytest.raises(ConfigError, match=rf"num_workers=64 needs 64 CPU .* cluster has {cpus}"):
         run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=64))
-    # One CPU left is not enough: the data pipeline needs a read task and a preprocessing actor.
+    # One CPU left is not enough: the data pipeline needs a read task and a preprocessing task.
     with pytest.raises(ConfigError, match=r"would leave 1 of .* CPUs for the Ray Data preprocessing .* needs 2"):
         run_training(_config(tiny_clip_dir, one_batch, tmp_path, num_workers=cpus - 1))
 

@@ -72,6 +72,7 @@ class VEmbedConfig:
     on_bad_record: Literal["skip", "fail"]
     shuffle: bool
     shuffle_seed: Optional[int]
+    preprocess_tasks: Optional[int]
     # optimisation
     output_dir: str
     epochs: int
@@ -290,6 +291,11 @@ def _build(values: Mapping[str, Any], sources: Mapping[str, str]) -> VEmbedConfi
         )
     if typed["batch_size"] < 1 or typed["epochs"] < 0 or typed["gradient_accumulation_steps"] < 1:
         raise ConfigError("batch_size and gradient_accumulation_steps must be >= 1 and epochs >= 0")
+    if typed["preprocess_tasks"] is not None and typed["preprocess_tasks"] < 1:
+        raise ConfigError(
+            f"preprocess_tasks={typed['preprocess_tasks']} ({sources.get('preprocess_tasks', 'config')}): "
+            "give at least 1 task, or null to let Ray Data use the free CPUs"
+        )
     return VEmbedConfig(**typed)
 
 

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     elif not ray.is_initialized():
-        # The Ray Data pipeline needs a CPU slot for reading and one for its preprocessing actor besides the
+        # The Ray Data pipeline needs a CPU slot for reading and one for its preprocessing tasks besides the
         # workers' slots; on a small machine the demo oversubscribes logical CPUs so all of them fit.
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
     result = run_training(

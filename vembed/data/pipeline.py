@@ -6,10 +6,14 @@ Stages; every one streams, so the data set may be far larger than memory::
                        normalised record rows (a malformed line fails naming file and line). With ``shuffle: true``
                        the file order and the records inside windows of RECORD_SHUFFLE_WINDOW records are permuted
                        by the seed -- records are paths and texts, so a window costs a few MB
-    map_batches        in a Data actor pool: read + decode images, resize/normalise, tokenise with
+    map_batches        in Ray Data tasks: read + decode images, resize/normalise, tokenise with
                        :func:`~vembed.data.batching.build_batch` (the function the torch collator uses); texts are
                        padded to ``max_text_length`` so all blocks share one shape; bad records are dropped and
-                       counted (:class:`BadRecordCounter`) or fail the job (``on_bad_record: fail``)
+                       counted (:class:`BadRecordCounter`) or fail the job (``on_bad_record: fail``). Tasks, not an
+                       actor pool: Ray reuses its worker processes across tasks, epochs and runs, so torch and the
+                       preprocessor are loaded once per process (:class:`PickledPreprocessor`), whereas every
+                       execution (every epoch) of an actor stage starts new actors. ``preprocess_tasks`` caps how
+                       many run at once
 
 In each Train worker, :func:`iter_train_batches` turns ``ray.train.get_dataset_shard("train")`` into equal-sized
 torch batches in the model's layout (``drop_last=True``), trims the text padding back to the batch's longest text
@@ -24,8 +28,11 @@ many files.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import random
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from ray import cloudpickle
 from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -42,7 +50,7 @@ from vembed.data.readers import RECORD_EXTENSIONS, first_record, parse_record_fi
 from vembed.data.records import SOURCE_FIELD, RecordSchema
 
 RECORD_BLOCK_ROWS = 256
-"""Records per block read from a file (a block is the unit a Data actor preprocesses in one task)."""
+"""Records per block read from a file (a block is the unit one preprocessing task works on)."""
 RECORD_SHUFFLE_WINDOW = 16384
 """Records permuted together when reading with ``shuffle: true`` (memory: records only, no pixels)."""
 PREPROCESS_BATCH_ROWS = 32
@@ -161,7 +169,7 @@ def _blocks(rows: list[dict[str, Any]], rng: random.Random | None) -> Iterator[p
 
 
 class PreprocessRecords:
-    """``map_batches`` UDF (run in a Data actor pool): a pyarrow batch of records -> model-input arrays."""
+    """A pyarrow batch of records -> model-input arrays (the work of one ``map_batches`` call)."""
 
     def __init__(
         self,
@@ -186,6 +194,45 @@ class PreprocessRecords:
         if bad and self.bad_records is not None:
             self.bad_records.add(bad)
         return batch  # an empty dict (every record bad) adds no rows
+
+
+_PREPROCESSORS_IN_THIS_PROCESS: OrderedDict[str, Any] = OrderedDict()
+"""Unpickled preprocessors of this Ray worker process by content digest (tasks run in reused worker processes)."""
+_MAX_CACHED_PREPROCESSORS = 4
+
+
+class PickledPreprocessor:
+    """A preprocessor shipped to Ray Data tasks as bytes and unpickled once per worker process.
+
+    A tokenizer takes tens to hundreds of milliseconds to unpickle; every task gets these bytes, but only the first
+    task in a process pays for :meth:`get`. The digest names the content, so equal preprocessors share one entry.
+    """
+
+    def __init__(self, preprocessor: Any) -> None:
+        self.payload = cloudpickle.dumps(preprocessor)
+        self.digest = hashlib.sha256(self.payload).hexdigest()
+
+    def get(self) -> Any:
+        """The preprocessor, from this process's cache when an earlier task already unpickled it."""
+        cache = _PREPROCESSORS_IN_THIS_PROCESS
+        if self.digest not in cache:
+            cache[self.digest] = pickle.loads(self.payload)
+            while len(cache) > _MAX_CACHED_PREPROCESSORS:
+                cache.popitem(last=False)
+        cache.move_to_end(self.digest)
+        return cache[self.digest]
+
+
+def preprocess_records(
+    table: pa.Table,
+    *,
+    preprocessor: PickledPreprocessor,
+    retrieval_mode: str,
+    on_bad_record: str,
+    bad_records: BadRecordCounter | None,
+) -> dict[str, np.ndarray]:
+    """``map_batches`` task function: :class:`PreprocessRecords` with the process's cached preprocessor."""
+    return PreprocessRecords(preprocessor.get(), retrieval_mode, on_bad_record, bad_records)(table)
 
 
 def shuffle_seed(cfg: VEmbedConfig | Mapping[str, Any]) -> int:
@@ -218,9 +265,9 @@ def build_train_dataset(
 
     Args:
         path: record file, directory or pyarrow URI.
-        preprocessor: the model's :class:`~vembed.data.processing.Preprocessor` (shipped to the Data actors).
+        preprocessor: the model's :class:`~vembed.data.processing.Preprocessor` (shipped to the Data tasks).
         cfg: reads ``retrieval_mode``, ``column_mapping``, ``image_root``, ``on_bad_record``, ``shuffle``,
-            ``shuffle_seed``/``seed`` (``max_text_length`` is the preprocessor's).
+            ``shuffle_seed``/``seed`` and ``preprocess_tasks`` (``max_text_length`` is the preprocessor's).
         bad_records: counts records dropped under ``on_bad_record: skip`` (they are logged either way).
 
     Text columns are padded to ``preprocessor.max_text_length``; consume the dataset with
@@ -229,16 +276,16 @@ def build_train_dataset(
     """
     cfg = as_config(cfg)
     ds = read_record_dataset(path, cfg).map_batches(
-        PreprocessRecords,
-        fn_constructor_kwargs={
-            "preprocessor": preprocessor,
+        preprocess_records,
+        fn_kwargs={
+            "preprocessor": PickledPreprocessor(preprocessor),
             "retrieval_mode": cfg.retrieval_mode,
             "on_bad_record": cfg.on_bad_record,
             "bad_records": bad_records,
         },
         batch_size=PREPROCESS_BATCH_ROWS,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1),
+        compute=ray.data.TaskPoolStrategy(size=cfg.preprocess_tasks),
     )
     ds.context.execution_options.preserve_order = True  # reproducible when iterated directly
     return ds

@@ -26,7 +26,7 @@ from vembed.training.worker import make_loop_config, train_loop_per_worker
 logger = logging.getLogger(__name__)
 
 DATA_PIPELINE_CPUS = 2
-"""CPUs the training data pipeline needs next to the workers: one read task plus one preprocessing actor.
+"""CPUs the training data pipeline needs next to the workers: one read task plus one preprocessing task.
 With fewer, the workers wait for batches that are never produced."""
 
 
@@ -99,7 +99,7 @@ def check_cluster_fits(config: VEmbedConfig, use_gpu: bool) -> None:
         raise ConfigError(
             f"num_workers={config.num_workers} would leave {max(cpus_left, 0.0):g} of the Ray cluster's "
             f"{total.get('CPU', 0.0):g} CPUs for the Ray Data preprocessing that feeds the workers, which needs "
-            f"{DATA_PIPELINE_CPUS} (a read task and a preprocessing actor); lower num_workers or "
+            f"{DATA_PIPELINE_CPUS} (a read task and a preprocessing task); lower num_workers or "
             "resources_per_worker.CPU, or add CPUs"
         )
 
