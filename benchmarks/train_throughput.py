@@ -10,12 +10,14 @@ global batch size. Cases:
     (c) ray-1   TorchTrainer, 1 worker
     (d) ray-2   TorchTrainer, 2 DDP workers, torch threads split so workers do not oversubscribe the cores
 
-Throughput is samples/s over the second half of the steps (the first half absorbs start-up: worker and Data actor
-launch, first batches). vembed reports samples/s per logging window, so ``logging_steps`` is half the steps.
+Every case trains two epochs of ``--steps`` steps and is timed over the second: the first absorbs start-up (Train
+workers and Ray Data worker processes importing torch and transformers, first batches), as in any run longer than a
+few minutes. vembed reports samples/s per logging window, so ``logging_steps`` is one epoch; its second window also
+pays the end-of-epoch checkpoint and the restart of the Ray Data pipeline.
 Model FLOP/s are the FLOPs of one training step (counted with ``torch.utils.flop_counter``) times steps/s, as a
 fraction of this CPU's measured float32 matmul peak. Goals (issue 4): b/a >= 0.95, c/a >= 0.9, d/c >= 1.6.
 
-    python benchmarks/train_throughput.py [--steps 16] [--batch-size 32]
+    python benchmarks/train_throughput.py [--steps 16] [--batch-size 32] [--cases abcd]
 """
 
 from __future__ import annotations
@@ -95,22 +97,20 @@ def plain_loop(cfg: dict, steps: int, threads: int) -> tuple[float, float, float
         step(batches[0])
 
     def timed(batch_source) -> float:
-        """samples/s over the second half of ``steps`` steps."""
-        half = steps // 2
-        start = 0.0
-        for i, batch in enumerate(batch_source):
-            if i == half:
-                start = time.perf_counter()
+        """samples/s over one pass of ``batch_source``."""
+        start = time.perf_counter()
+        for batch in batch_source:
             step(batch)
-        return (steps - half) * cfg["batch_size"] / (time.perf_counter() - start)
+        return steps * cfg["batch_size"] / (time.perf_counter() - start)
 
-    live = timed(loader)  # the data set holds exactly `steps` batches
-    precollated = timed(batches[i % len(batches)] for i in range(steps))
+    timed(loader)  # epoch 1, as in the vembed cases; the data set holds exactly `steps` batches
+    live = timed(loader)
+    precollated = timed(batches)
     return live, precollated, float(counter.get_total_flops())
 
 
 def vembed_run(cfg: dict, num_workers: int, threads: int, out: Path) -> float:
-    """(b)-(d): samples/s over the second half of a vembed Ray Train run."""
+    """(b)-(d): samples/s over the second epoch of a vembed Ray Train run."""
     from vembed.training.launcher import run_training
 
     torch.set_num_threads(threads)
@@ -122,8 +122,10 @@ def vembed_run(cfg: dict, num_workers: int, threads: int, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per case (one epoch)")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per epoch (two epochs per case)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    parser.add_argument("--preprocess-tasks", type=int, default=None, help="vembed's preprocess_tasks (default: null)")
+    parser.add_argument("--cases", default="abcd", help="which cases to run, e.g. 'ab' (ratios need a)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="vembed-bench-"))
@@ -135,39 +137,51 @@ def main() -> None:
         "model_name": str(model_dir),
         "data_path": str(data["train"]),
         "batch_size": args.batch_size,
-        "epochs": 1,
+        "epochs": 2,
         "learning_rate": 1e-4,
-        "logging_steps": args.steps // 2,
+        "logging_steps": args.steps,
         "mixed_precision": "no",
         "shuffle": False,
+        "preprocess_tasks": args.preprocess_tasks,
     }
 
     import ray
 
     ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)  # +2: the data pipeline beside 2 workers
     peak = matmul_peak(cores)
-    plain, compute_only, flops_per_step = plain_loop(cfg, args.steps, cores)
-    rates = {"(a) plain PyTorch loop": plain, "(a') same loop, batches decoded beforehand": compute_only}
-    print(f"(a) {plain:.1f} samples/s; (a') {compute_only:.1f} samples/s", flush=True)
-    cases = [("(b) vembed num_workers=0", 0, cores), ("(c) TorchTrainer 1 worker", 1, cores)]
-    cases.append(("(d) TorchTrainer 2 workers DDP", 2, max(1, cores // 2)))
-    for name, workers, threads in cases:
-        rates[name] = vembed_run(cfg, workers, threads, work / f"workers{workers}")
-        print(f"{name}: {rates[name]:.1f} samples/s", flush=True)
+    rates: dict[str, float] = {}
+    flops_per_step = 0.0
+    if "a" in args.cases:
+        plain, compute_only, flops_per_step = plain_loop(cfg, args.steps, cores)
+        rates = {"(a) plain PyTorch loop": plain, "(a') same loop, batches decoded beforehand": compute_only}
+        print(f"(a) {plain:.1f} samples/s; (a') {compute_only:.1f} samples/s", flush=True)
+    cases = [("b", "(b) vembed num_workers=0", 0, cores), ("c", "(c) TorchTrainer 1 worker", 1, cores)]
+    cases.append(("d", "(d) TorchTrainer 2 workers DDP", 2, max(1, cores // 2)))
+    for letter, name, workers, threads in cases:
+        if letter in args.cases:
+            rates[name] = vembed_run(cfg, workers, threads, work / f"workers{workers}")
+            print(f"{name}: {rates[name]:.1f} samples/s", flush=True)
     ray.shutdown()
+    if "a" in args.cases:
+        report(rates, flops_per_step, peak, args)
 
+
+def report(rates: dict[str, float], flops_per_step: float, peak: float, args: argparse.Namespace) -> None:
+    """The README table and the goal ratios."""
+    plain = rates["(a) plain PyTorch loop"]
     flops_per_sample = flops_per_step / args.batch_size
     print(
         f"\nCLIP {LAYERS}x{WIDTH} towers, {IMAGE_SIZE}px, global batch {args.batch_size}, {args.steps} steps, "
-        f"{cores} cores; matmul peak {peak / 1e9:.1f} GFLOP/s; {flops_per_step / 1e9:.2f} GFLOP per step"
+        f"{os.cpu_count()} cores; matmul peak {peak / 1e9:.1f} GFLOP/s; {flops_per_step / 1e9:.2f} GFLOP per step"
     )
     print("| case | samples/s | vs (a) | model FLOP/s / peak |\n|---|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.1f} | {rate / plain:.2f} | {rate * flops_per_sample / peak:.1%} |")
-    c, d = rates["(c) TorchTrainer 1 worker"], rates["(d) TorchTrainer 2 workers DDP"]
+    b = rates.get("(b) vembed num_workers=0", float("nan"))
+    c = rates.get("(c) TorchTrainer 1 worker", float("nan"))
+    d = rates.get("(d) TorchTrainer 2 workers DDP", float("nan"))
     print(
-        f"\nb/a = {rates['(b) vembed num_workers=0'] / plain:.2f} (goal >= 0.95), c/a = {c / plain:.2f} "
-        f"(goal >= 0.9), d/c = {d / c:.2f} (goal >= 1.6)"
+        f"\nb/a = {b / plain:.2f} (goal >= 0.95), c/a = {c / plain:.2f} (goal >= 0.9), d/c = {d / c:.2f} (goal >= 1.6)"
     )
 
 
