@@ -2,17 +2,17 @@
 
 Each ``make_tiny_*`` writes ``config.json`` + ``model.safetensors`` + real tokenizer / image-processor files to a
 directory, so the directory loads through exactly the ``from_pretrained(path)`` call a hub id takes. Tokenizers are
-trained offline with the ``tokenizers`` library on the vocabulary of the synthetic shapes data set (plus bytes, so
-any text tokenises).
+built offline from the vocabulary of the synthetic shapes data set (plus bytes or characters, so any text
+tokenises), deterministically: the same files on every run.
 """
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     BertConfig,
     BertModel,
@@ -37,33 +37,70 @@ IMAGE_SIZE = 32
 HIDDEN = 32
 
 
+def _learn_bpe_merges(words: Counter[tuple[str, ...]], max_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from word counts: the most frequent adjacent pair first, ties broken by the pair
+    itself. (The ``tokenizers`` trainers break ties in hash-map order, which changes from run to run, and with it
+    every token id of a model built on the tokenizer.)"""
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, count in words.items():
+            merged[_apply_merge(word, best)] += count
+        words = merged
+    return merges
+
+
+def _apply_merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
 def _train_clip_bpe(vocab_size: int = 400) -> CLIPTokenizer:
-    """A byte-level BPE in CLIP's own format (``</w>`` word ends), trained on the caption corpus."""
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(caption_corpus(), trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return CLIPTokenizer(vocab=state["vocab"], merges=merges)
+    """A byte-level BPE in CLIP's own format (``</w>`` word ends), learned from the caption corpus as CLIP's
+    tokenizer splits it into words."""
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    alphabet = specials + sorted(pre_tokenizers.ByteLevel.alphabet())
+    splitter = CLIPTokenizer(vocab={token: i for i, token in enumerate(alphabet)}, merges=[]).backend_tokenizer
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in caption_corpus():
+        for word, _ in splitter.pre_tokenizer.pre_tokenize_str(splitter.normalizer.normalize_str(text)):
+            words[(*word[:-1], word[-1] + "</w>")] += 1
+    symbols = alphabet + sorted({word[-1] for word in words})
+    merges = _learn_bpe_merges(words, vocab_size - len(symbols))
+    vocab = {token: i for i, token in enumerate(symbols + [a + b for a, b in merges])}
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
-def _train_wordpiece(vocab_size: int = 300) -> BertTokenizerFast:
-    """A BERT-style WordPiece tokenizer ([CLS] ... [SEP], [PAD]=0) trained on the caption corpus."""
-    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+def _train_wordpiece() -> BertTokenizerFast:
+    """A BERT-style WordPiece tokenizer ([CLS] ... [SEP], [PAD]=0) whose vocabulary is every character (alone and
+    as a ``##`` continuation) and every whole word of the caption corpus, in sorted order (deterministic ids)."""
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus_words = {
+        word for text in caption_corpus() for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    }
+    characters = sorted({char for word in corpus_words for char in word})
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    wp.train_from_iterator(
-        caption_corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
-    )
+    tokens = special + characters + [f"##{c}" for c in characters] + sorted(corpus_words - set(characters))
+    wp = Tokenizer(models.WordPiece({token: i for i, token in enumerate(tokens)}, unk_token="[UNK]"))
+    wp.normalizer = normalizer
+    wp.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")
     wp.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
