@@ -51,6 +51,9 @@ from vembed.data.records import SOURCE_FIELD, RecordSchema
 
 RECORD_BLOCK_ROWS = 256
 """Records per block read from a file (a block is the unit one preprocessing task works on)."""
+MAX_READ_TASKS = 256
+"""Most read tasks of one data set: one per file up to this, then several files per task. A file is never split
+across tasks, and its blocks are never split further, so preprocessing works on whole blocks."""
 RECORD_SHUFFLE_WINDOW = 16384
 """Records permuted together when reading with ``shuffle: true`` (memory: records only, no pixels)."""
 PREPROCESS_BATCH_ROWS = 32
@@ -252,7 +255,8 @@ def read_record_dataset(path: str | os.PathLike, cfg: VEmbedConfig | Mapping[str
     schema = RecordSchema.from_config(cfg)
     schema = schema.with_layout_of(first_record(path, schema))
     seed = shuffle_seed(cfg) if cfg.shuffle else None
-    return ray.data.read_datasource(RecordDatasource(files, schema, shuffle_seed=seed, filesystem=filesystem))
+    source = RecordDatasource(files, schema, shuffle_seed=seed, filesystem=filesystem)
+    return ray.data.read_datasource(source, override_num_blocks=min(len(files), MAX_READ_TASKS))
 
 
 def build_train_dataset(
