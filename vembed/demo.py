@@ -26,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the seven steps above and print where everything went."""
-    import ray
+    """Run the seven steps above and print where everything went.
 
+    Ray: the cluster at ``RAY_ADDRESS`` if set, else a local instance that ``run_training`` sizes for the workers
+    and the data pipeline.
+    """
     from vembed.batch.job import embed_corpus
     from vembed.evaluation.evaluator import evaluate_model_path
     from vembed.evaluation.report import render_markdown, write_report
@@ -46,12 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[4/7] fine-tuning with Ray Train ({args.num_workers} workers)")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local demo listens on 127.0.0.1 only
-    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    elif not ray.is_initialized():
-        # The Ray Data pipeline needs a CPU slot for reading and one for its preprocessing tasks besides the
-        # workers' slots; on a small machine the demo oversubscribes logical CPUs so all of them fit.
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
     result = run_training(
         {
             "model_name": str(base),
