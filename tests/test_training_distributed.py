@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,7 +25,7 @@ from vembed.losses.factory import LossFactory
 from vembed.model import EmbeddingModel
 from vembed.testing import make_shapes_dataset
 from vembed.training.config import as_config
-from vembed.training.launcher import build_trainer, run_training
+from vembed.training.launcher import build_trainer, local_ray_cpus, run_training
 from vembed.training.model_builder import build_model, load_processor
 from vembed.training.optimizer_builder import build_optimizer
 
@@ -128,18 +126,14 @@ def test_autoscaling_cluster_skips_the_size_check_and_placement_is_passed_on(
     assert trainer.scaling_config.placement_strategy == "SPREAD"
 
 
-def test_a_local_ray_started_for_training_has_room_for_the_workers_and_the_data_pipeline(tmp_path):
+def test_a_local_ray_started_for_training_has_room_for_the_workers_and_the_data_pipeline():
     # `vembed train` on a 2-core laptop with num_workers=4: the local instance it starts gets 4 + 2 logical CPUs.
-    code = (
-        "import ray; from vembed.config import as_config; from vembed.training.launcher import ensure_ray; "
-        "ensure_ray(as_config({'num_workers': 4})); print('CPUS', int(ray.cluster_resources()['CPU']))"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"CPUS {max(os.cpu_count() or 1, 6)}" in done.stdout
+    cores = os.cpu_count() or 1
+    assert local_ray_cpus(as_config({"num_workers": 4})) == max(cores, 6)
+    assert local_ray_cpus(as_config({"num_workers": 3, "resources_per_worker": {"CPU": 4}})) == max(cores, 14)
+    assert local_ray_cpus(as_config({"num_workers": 0})) == cores
+    # GPU workers reserve no CPU unless asked: the pipeline's 2 are what a local instance must have beyond them.
+    assert local_ray_cpus(as_config({"num_workers": 8, "use_gpu": True})) == max(cores, 2)
 
 
 def test_empty_and_malformed_data_fail_before_training(ray_local, tiny_clip_dir, one_batch, tmp_path):

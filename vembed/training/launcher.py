@@ -42,19 +42,22 @@ def resolve_run_paths(config: VEmbedConfig) -> VEmbedConfig:
     return config.replace(output_dir=str(output_dir), storage_path=storage, run_name=config.run_name or output_dir.name)
 
 
-def ensure_ray(config: VEmbedConfig) -> None:
-    """Connect to the cluster at ``RAY_ADDRESS`` or one started here with ``ray start``; else start a local one.
-
-    A local instance gets at least as many logical CPUs as ``num_workers`` workers plus the data pipeline need,
-    so the default run works on a 2-core laptop too (the workers then share the cores).
-    """
-    if ray.is_initialized():
-        return
+def local_ray_cpus(config: VEmbedConfig) -> int:
+    """Logical CPUs of a local Ray started for ``config``: the machine's cores, or more when ``num_workers``
+    workers plus the data pipeline need more (they then share the cores), so the default run works on a 2-core
+    laptop too."""
     # Before Ray is up, "auto" cannot see GPUs: size for CPU workers, the larger CPU reservation.
     per_worker = worker_resources(config, use_gpu=config.use_gpu is True).get("CPU", 0.0)
-    needed = math.ceil(per_worker * config.num_workers) + DATA_PIPELINE_CPUS
+    return max(os.cpu_count() or 1, math.ceil(per_worker * config.num_workers) + DATA_PIPELINE_CPUS)
+
+
+def ensure_ray(config: VEmbedConfig) -> None:
+    """Connect to the cluster at ``RAY_ADDRESS`` or one started here with ``ray start``; else start a local one
+    with :func:`local_ray_cpus` logical CPUs."""
+    if ray.is_initialized():
+        return
     try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=True)
+        ray.init(num_cpus=local_ray_cpus(config), log_to_driver=True)
     except ValueError:  # RAY_ADDRESS or a cluster started with `ray start` was found: its size is its own
         ray.init(log_to_driver=True)
 
