@@ -100,7 +100,7 @@ class ShardLoader:
 def _data_error(exc: BaseException) -> ValueError | None:
     """The vembed data error (bad record, malformed file) a Ray Data failure was caused by, if any.
 
-    Ray wraps an exception raised in a Data actor in task errors whose message it truncates; re-raising
+    Ray wraps an exception raised in a Data task in errors whose message it truncates; re-raising
     the original keeps "bad record 'x' at file:line: image not found" in front of the user.
     """
     from ray.exceptions import RayError
