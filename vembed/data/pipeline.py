@@ -45,7 +45,7 @@ from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vembed.config import VEmbedConfig, as_config
-from vembed.data.batching import BadRecord, build_batch, check_bad_record_policy, trim_text_padding
+from vembed.data.batching import BadRecord, build_batch, trim_text_padding
 from vembed.data.readers import RECORD_EXTENSIONS, first_record, parse_record_file, resolve_record_files
 from vembed.data.records import SOURCE_FIELD, RecordSchema
 
@@ -171,34 +171,6 @@ def _blocks(rows: list[dict[str, Any]], rng: random.Random | None) -> Iterator[p
         yield pa.Table.from_pylist(rows[start : start + RECORD_BLOCK_ROWS], schema=RECORD_ARROW_SCHEMA)
 
 
-class PreprocessRecords:
-    """A pyarrow batch of records -> model-input arrays (the work of one ``map_batches`` call)."""
-
-    def __init__(
-        self,
-        preprocessor: Any,
-        retrieval_mode: str,
-        on_bad_record: str,
-        bad_records: BadRecordCounter | None,
-    ) -> None:
-        self.preprocessor = preprocessor
-        self.retrieval_mode = retrieval_mode
-        self.on_bad_record = check_bad_record_policy(on_bad_record)
-        self.bad_records = bad_records
-
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        batch, bad = build_batch(
-            table.to_pylist(),
-            self.preprocessor,
-            self.retrieval_mode,
-            on_bad_record=self.on_bad_record,
-            pad_to_max_length=True,
-        )
-        if bad and self.bad_records is not None:
-            self.bad_records.add(bad)
-        return batch  # an empty dict (every record bad) adds no rows
-
-
 _PREPROCESSORS_IN_THIS_PROCESS: OrderedDict[str, Any] = OrderedDict()
 """Unpickled preprocessors of this Ray worker process by content digest (tasks run in reused worker processes)."""
 _MAX_CACHED_PREPROCESSORS = 4
@@ -234,8 +206,18 @@ def preprocess_records(
     on_bad_record: str,
     bad_records: BadRecordCounter | None,
 ) -> dict[str, np.ndarray]:
-    """``map_batches`` task function: :class:`PreprocessRecords` with the process's cached preprocessor."""
-    return PreprocessRecords(preprocessor.get(), retrieval_mode, on_bad_record, bad_records)(table)
+    """``map_batches`` task function: a pyarrow batch of records -> model-input arrays, with this process's cached
+    preprocessor; dropped records go to ``bad_records``."""
+    batch, bad = build_batch(
+        table.to_pylist(),
+        preprocessor.get(),
+        retrieval_mode,
+        on_bad_record=on_bad_record,
+        pad_to_max_length=True,
+    )
+    if bad and bad_records is not None:
+        bad_records.add(bad)
+    return batch  # an empty dict (every record bad) adds no rows
 
 
 def shuffle_seed(cfg: VEmbedConfig | Mapping[str, Any]) -> int:
