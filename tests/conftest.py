@@ -79,6 +79,20 @@ def tiny_vit_dir(tiny_models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tiny_models_dir) -> Path:
+    from vembed.testing import make_tiny_qwen3_vl
+
+    return make_tiny_qwen3_vl(tiny_models_dir / "qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_embedding_dir(tiny_models_dir) -> Path:
+    from vembed.testing import make_tiny_qwen3_embedding
+
+    return make_tiny_qwen3_embedding(tiny_models_dir / "qwen3_embedding")
+
+
+@pytest.fixture(scope="session")
 def shapes_t2i(tmp_path_factory) -> dict[str, Path]:
     """A small t2i data set (JSONL, CSV and Parquet records + JPEGs), shared read-only by tests."""
     from vembed.testing import make_shapes_dataset

@@ -40,3 +40,42 @@ def test_image_encoder_loads_with_auto_classes(tiny_vit_dir):
     pixels = processor(images=[Image.new("RGB", (50, 40), (200, 10, 10))], return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 32, 32)
     assert model(pixel_values=pixels).last_hidden_state.shape[0] == 1
+
+
+def test_tiny_qwen3_vl_loads_like_the_released_checkpoint(tiny_qwen3_vl_dir):
+    import json
+
+    import torch
+    from PIL import Image
+
+    config = json.loads((tiny_qwen3_vl_dir / "config.json").read_text())
+    assert config["model_type"] == "qwen3_vl"
+    assert config["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    model = AutoModel.from_pretrained(tiny_qwen3_vl_dir)
+    assert type(model).__name__ == "Qwen3VLModel"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3_vl_dir)
+    images = AutoImageProcessor.from_pretrained(tiny_qwen3_vl_dir)
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Represent the user's input."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a red circle"}]},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "<|vision_start|><|image_pad|><|vision_end|>a red" in text
+    pixels = images(images=[Image.new("RGB", (32, 32), (200, 10, 10))], return_tensors="pt")
+    assert pixels["image_grid_thw"].tolist() == [[1, 4, 4]]  # 64x64 pixels after the min-pixel bound
+    expanded = text.replace("<|image_pad|>", "<|image_pad|>" * 4)  # t*h*w / merge**2
+    ids = tokenizer([expanded], return_tensors="pt")["input_ids"]
+    image_tokens = (ids == model.config.image_token_id).long()
+    assert int(image_tokens.sum()) == 4
+    with torch.no_grad():
+        out = model(input_ids=ids, **pixels, mm_token_type_ids=image_tokens)
+    assert out.last_hidden_state.shape == (1, ids.shape[1], 64)
+
+
+def test_tiny_qwen3_embedding_pads_left_and_ends_with_endoftext(tiny_qwen3_embedding_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3_embedding_dir)
+    assert tokenizer.padding_side == "left"
+    batch = tokenizer(["a red circle", "a large blue square on a white background"], padding=True)
+    assert batch["attention_mask"][0][0] == 0 and batch["attention_mask"][1][0] == 1
+    assert all(row[-1] == tokenizer.convert_tokens_to_ids("<|endoftext|>") for row in batch["input_ids"])
+    assert type(AutoModel.from_pretrained(tiny_qwen3_embedding_dir)).__name__ == "Qwen3Model"
