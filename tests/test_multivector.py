@@ -230,13 +230,14 @@ def test_trained_evaluate_returns_maxsim_metrics_and_beats_untrained(trained, tr
 
 @pytest.fixture(scope="module")
 def embedded(trained, t2t, tmp_path_factory) -> Path:
-    """The trained model's candidates (the test positives) embedded by a batch job, float32."""
+    """The trained model's candidates (the test set's distinct positives) embedded by a batch job, float32."""
     from vembed.batch import embed_corpus
+    from vembed.evaluation.evalset import load_eval_set
 
     root = tmp_path_factory.mktemp("colbert_embed")
-    records = [json.loads(line) for line in Path(t2t["test"]).read_text().splitlines()]
+    texts = load_eval_set(t2t["test"], "t2t").candidates
     manifest = root / "docs.jsonl"
-    manifest.write_text("".join(json.dumps({"id": r["id"], "text": r["positive"]}) + "\n" for r in records))
+    manifest.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
     output = root / "out"
     embed_corpus(
         str(trained.last_checkpoint), str(manifest), str(output), modality="text", batch_size=8, shard_size=16,
