@@ -249,9 +249,7 @@ def embedded(trained, t2t, tmp_path_factory) -> Path:
 @pytest.mark.ray
 def test_batch_rows_equal_the_predictor_and_load_back_for_evaluation(embedded, trained, trained_predictor, t2t):
     from vembed.batch import read_embeddings, read_manifest
-    from vembed.evaluation.embedded import read_corpus_embeddings
-    from vembed.evaluation.evalset import load_eval_set
-    from vembed.evaluation.evaluator import score_eval_set
+    from vembed.evaluation.embedded import evaluate_with_ray
 
     table = read_embeddings(str(embedded))
     texts = table.column("source").to_pylist()
@@ -262,10 +260,10 @@ def test_batch_rows_equal_the_predictor_and_load_back_for_evaluation(embedded, t
         np.testing.assert_allclose(np.asarray(row, dtype=np.float32), want, atol=ATOL)
     assert read_manifest(str(embedded))["embedding_dim"] == 16
 
-    corpus = read_corpus_embeddings(str(embedded), trained.last_checkpoint)
-    evalset = load_eval_set(t2t["test"], "t2t")
-    queries = trained_predictor.encode_text(evalset.query_texts)
-    from_rows = score_eval_set(evalset, queries, corpus.vectors, pool=corpus.sources)
+    # ray_jobs/evaluate.py's path: the rows as the candidate pool, the queries embedded by a second batch job
+    from_rows = evaluate_with_ray(
+        trained.last_checkpoint, t2t["test"], mode="t2t", candidates_embeddings=str(embedded), num_actors=1
+    )
     assert from_rows["num_positives_missing"] == 0
     direct = trained.evaluate(str(t2t["test"]))
     assert {k: from_rows[k] for k in direct} == pytest.approx(direct, abs=1e-6)
