@@ -208,11 +208,24 @@ def test_matryoshka_dims_in_one_pass_equal_a_predictor_truncating_to_each_dim(pr
     assert per_dim[32] == pytest.approx(evaluate_predictor(predictor, shapes_t2i["test"]), abs=1e-9)
 
 
-def test_a_multi_vector_model_is_refused_with_a_pointer_to_maxsim(tiny_clip_dir, shapes_t2i, predictor):
+def test_a_multi_vector_model_is_scored_by_maxsim_over_its_token_and_patch_vectors(
+    tiny_clip_dir, shapes_t2i, predictor
+):
     model = EmbeddingModel.from_pretrained(tiny_clip_dir, pooling_method="none").eval()
     multi_vector = VEmbedFactoryPredictor.from_model(model, predictor.preprocessor)
-    with pytest.raises(ValueError, match="multi-vector .*metrics.retrieval_metrics"):
-        evaluate_predictor(multi_vector, shapes_t2i["test"])
+    result = evaluate_predictor(multi_vector, shapes_t2i["test"], ks=(1, 3))
+    # reference: MaxSim and ranks with loops over the arrays the Predictor returns
+    evalset = load_eval_set(shapes_t2i["test"])
+    queries, cands = multi_vector.encode_text(evalset.query_texts), multi_vector.encode_image(evalset.candidates)
+    assert all(c.shape == cands[0].shape for c in cands) and cands[0].shape[0] > 1  # every patch is a vector
+    ranks = []
+    for q, positives in zip(queries, evalset.positives, strict=True):
+        scores = [sum(max(float(np.dot(t, v)) for v in c) for t in q) for c in cands]
+        pos = evalset.candidates.index(positives[0])
+        ranks.append(1 + sum(s > scores[pos] for i, s in enumerate(scores) if i != pos))
+    assert result["recall@1"] == pytest.approx(np.mean([r == 1 for r in ranks]))
+    assert result["recall@3"] == pytest.approx(np.mean([r <= 3 for r in ranks]))
+    assert result["mrr"] == pytest.approx(np.mean([1 / r for r in ranks]))
 
 
 def test_an_in_memory_model_scores_as_its_saved_copy(tiny_clip_dir, shapes_t2i, predictor):

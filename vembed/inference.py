@@ -3,6 +3,11 @@
 The Predictor is the one inference path: batch embedding (Ray Data actors) and Serve replicas call the same
 ``encode_*`` methods, so a vector is the same whichever front end produced it. It loads a vembed checkpoint (or a
 raw HF model directory / hub id), picks CUDA when present, runs in eval + inference mode and returns float32 numpy.
+
+Multi-vector (late interaction, ``pooling_method: none``) checkpoints return one ``[L_i, D]`` array per item instead
+of one row: the item's token vectors (which tokens count is the checkpoint's ``vector_tokens``: every non-padding
+token for ColBERT-style encoders), each row L2-normalised, padding never included, so an item's vectors are the
+same alone or in any batch. ``similarity`` then scores by MaxSim (:mod:`vembed.maxsim`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from PIL import Image
 
 from vembed.data.images import IMAGE_EXTENSIONS, load_image
 from vembed.data.processing import Preprocessor
+from vembed.maxsim import maxsim_arrays
 from vembed.model import EmbeddingModel, finalize_embeddings
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+#: what the encoders return: ``[N, D]`` (single-vector) or one ``[L_i, D]`` array per item (multi-vector)
+Embedded = Union[np.ndarray, list[np.ndarray]]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POOLING_METHODS = ("cls", "mean", "last")
 
@@ -95,6 +103,11 @@ class VEmbedFactoryPredictor:
 
     # ---- properties ----
     @property
+    def multi_vector(self) -> bool:
+        """True when every item is a set of vectors ``[L_i, D]`` (late interaction), not one vector."""
+        return self.model.multi_vector
+
+    @property
     def embedding_dim(self) -> int:
         """Size of the vectors returned by default (the Matryoshka ``dimension`` when one is set)."""
         return self.dimension or self.model.embedding_dim
@@ -111,12 +124,24 @@ class VEmbedFactoryPredictor:
             "full_dim": self.model.embedding_dim,
             "normalize": self.model.normalize,
             "mrl_dims": list(self.model.mrl_dims),
+            "multi_vector": self.model.multi_vector,
+            "vector_tokens": self.model.vector_tokens,
             "vembed_json_sha256": hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else None,
         }
 
     # ---- public encoders ----
-    def encode_text(self, texts: str | Sequence[str], batch_size: int = 32, dimension: int | None = None) -> np.ndarray:
-        """Texts -> ``(D,)`` for one string, ``(N, D)`` for a list. Batches are sorted by length for speed."""
+    def encode_text(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 32,
+        dimension: int | None = None,
+        max_vectors: int | None = None,
+    ) -> Embedded:
+        """Texts -> ``(D,)`` for one string, ``(N, D)`` for a list. Batches are sorted by length for speed.
+
+        Multi-vector models: one ``[L_i, D]`` array per text (a list for a list), pruned to at most ``max_vectors``
+        vectors when given (:func:`prune_vectors`).
+        """
         single = isinstance(texts, str)
         items = [texts] if single else list(self._check_list(texts, "texts"))
         for i, text in enumerate(items):
@@ -125,32 +150,50 @@ class VEmbedFactoryPredictor:
             if not text.strip():
                 raise ValueError(f"texts[{i}] is empty; every text needs at least one non-space character")
         self._check_batch_size(batch_size)
+        self._check_max_vectors(max_vectors)
         order = sorted(range(len(items)), key=lambda i: len(items[i]), reverse=True)
-        out = np.empty((len(items), self._out_dim(dimension)), dtype=np.float32)
+        out = self._output(len(items), dimension)
         for start in range(0, len(items), batch_size):
             idx = order[start : start + batch_size]
             tokens = self.preprocessor.process_texts([items[i] for i in idx])
-            out[idx] = self.encode_tokens(tokens["input_ids"], tokens["attention_mask"], dimension)
+            _place(out, idx, self.encode_tokens(tokens["input_ids"], tokens["attention_mask"], dimension, max_vectors))
         return out[0] if single else out
 
     def encode_image(
-        self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, dimension: int | None = None
-    ) -> np.ndarray:
-        """Images (paths, PIL images or encoded bytes) -> ``(D,)`` for one image, ``(N, D)`` for a list."""
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        batch_size: int = 32,
+        dimension: int | None = None,
+        max_vectors: int | None = None,
+    ) -> Embedded:
+        """Images (paths, PIL images or encoded bytes) -> ``(D,)`` for one image, ``(N, D)`` for a list.
+
+        Multi-vector models: one ``[L_i, D]`` array per image (its patch vectors), at most ``max_vectors`` each.
+        """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(self._check_list(images, "images"))
         self._check_batch_size(batch_size)
-        out = np.empty((len(items), self._out_dim(dimension)), dtype=np.float32)
+        self._check_max_vectors(max_vectors)
+        out = self._output(len(items), dimension)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             pil = [self._load(img, f"images[{start + j}]") for j, img in enumerate(chunk)]
-            out[start : start + len(chunk)] = self.encode_pixel_values(self.preprocessor.process_images(pil), dimension)
+            pixels = self.preprocessor.process_images(pil)
+            _place(out, range(start, start + len(chunk)), self.encode_pixel_values(pixels, dimension, max_vectors))
         return out[0] if single else out
 
     def encode_multimodal(
-        self, texts: str | Sequence[str], images: ImageInput | Sequence[ImageInput], dimension: int | None = None
-    ) -> np.ndarray:
-        """Composed queries (image + text, e.g. "the same shape in blue"), fused by the model's ``encode``."""
+        self,
+        texts: str | Sequence[str],
+        images: ImageInput | Sequence[ImageInput],
+        dimension: int | None = None,
+        max_vectors: int | None = None,
+    ) -> Embedded:
+        """Composed queries (image + text, e.g. "the same shape in blue"), fused by the model's ``encode``.
+
+        Multi-vector models: the text's and the image's vectors together, one ``[L_i, D]`` array per query.
+        """
+        self._check_max_vectors(max_vectors)
         single = isinstance(texts, str)
         text_list = [texts] if single else list(self._check_list(texts, "texts"))
         image_list = [images] if single else list(self._check_list(images, "images"))
@@ -164,7 +207,7 @@ class VEmbedFactoryPredictor:
                 attention_mask=torch.as_tensor(tokens["attention_mask"], device=self.device),
                 pixel_values=torch.as_tensor(pixels, device=self.device, dtype=self.dtype),
             )
-        out = self._finish(emb, dimension)
+        out = self._finish(emb, dimension, max_vectors)
         return out[0] if single else out
 
     def similarity(
@@ -176,6 +219,9 @@ class VEmbedFactoryPredictor:
         dimension: int | None = None,
     ) -> np.ndarray:
         """Cosine similarity of one query (text, image, or both) to each document -> ``(N,)``.
+
+        Multi-vector models score by MaxSim (:func:`vembed.maxsim.maxsim_arrays`): for each query vector its best
+        cosine with a document vector, summed over the query's vectors.
 
         ``document_type="auto"`` treats PIL images, bytes and existing files with an image extension as images and
         everything else as text; pass ``"text"`` or ``"image"`` to say it explicitly.
@@ -192,6 +238,13 @@ class VEmbedFactoryPredictor:
         else:
             query = self.encode_image(query_image, dimension=dimension)
         is_image = [document_type == "image" or (document_type == "auto" and self._looks_like_image(d)) for d in docs]
+        if self.multi_vector:
+            doc_vectors: list[Any] = [None] * len(docs)
+            for flag, encode in ((True, self.encode_image), (False, self.encode_text)):
+                idx = [i for i, f in enumerate(is_image) if f == flag]
+                if idx:
+                    _place(doc_vectors, idx, encode([docs[i] for i in idx], dimension=dimension))
+            return maxsim_arrays(query, doc_vectors)
         doc_emb = np.empty((len(docs), query.shape[-1]), dtype=np.float32)
         image_idx = [i for i, flag in enumerate(is_image) if flag]
         text_idx = [i for i, flag in enumerate(is_image) if not flag]
@@ -202,29 +255,67 @@ class VEmbedFactoryPredictor:
         return _cosine(doc_emb, query)
 
     # ---- lower-level encoders shared with batch embedding and Serve ----
-    def encode_tokens(self, input_ids: Any, attention_mask: Any, dimension: int | None = None) -> np.ndarray:
-        """Already-tokenised texts ``[N, L]`` -> ``[N, D]`` float32."""
+    def encode_tokens(
+        self, input_ids: Any, attention_mask: Any, dimension: int | None = None, max_vectors: int | None = None
+    ) -> Embedded:
+        """Already-tokenised texts ``[N, L]`` -> ``[N, D]`` float32 (multi-vector: one ``[L_i, D]`` per text)."""
         with torch.inference_mode():
             emb = self.model.encode_text(
                 torch.as_tensor(np.asarray(input_ids), device=self.device),
                 torch.as_tensor(np.asarray(attention_mask), device=self.device),
             )
-        return self._finish(emb, dimension)
+        return self._finish(emb, dimension, max_vectors)
 
-    def encode_pixel_values(self, pixel_values: Any, dimension: int | None = None) -> np.ndarray:
-        """Preprocessed images ``[N, 3, H, W]`` (from ``preprocessor.process_images``) -> ``[N, D]`` float32."""
+    def encode_pixel_values(
+        self, pixel_values: Any, dimension: int | None = None, max_vectors: int | None = None
+    ) -> Embedded:
+        """Preprocessed images ``[N, 3, H, W]`` (from ``preprocessor.process_images``) -> ``[N, D]`` float32
+        (multi-vector: one ``[L_i, D]`` per image)."""
         with torch.inference_mode():
             pixels = torch.as_tensor(np.asarray(pixel_values), device=self.device, dtype=self.dtype)
             emb = self.model.encode_image(pixels)
-        return self._finish(emb, dimension)
+        return self._finish(emb, dimension, max_vectors)
 
     # ---- helpers ----
-    def _finish(self, emb: torch.Tensor, dimension: int | None) -> np.ndarray:
-        """Matryoshka truncation + re-normalisation (the model's one implementation), then float32 numpy."""
+    def _finish(
+        self,
+        emb: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        dimension: int | None,
+        max_vectors: int | None = None,
+    ) -> Embedded:
+        """Matryoshka truncation + re-normalisation (the model's one implementation), then float32 numpy.
+
+        Multi-vector output ``(tokens [N, L, D], mask [N, L])`` becomes one ``[L_i, D]`` array per item holding only
+        the tokens the mask keeps (then pruned to ``max_vectors``).
+        """
         dim = self._check_dimension(dimension) or self.dimension
+        mask = None
+        if isinstance(emb, tuple):
+            emb, mask = emb
+        elif max_vectors is not None:
+            raise ValueError("max_vectors applies to multi-vector models only; this model returns one vector per item")
         if dim is not None and dim < emb.shape[-1]:
             emb = finalize_embeddings(emb.float(), dim=dim, normalize=True)
-        return emb.float().cpu().numpy()
+        out = emb.float().cpu().numpy()
+        if mask is None:
+            return out
+        keep = mask.bool().cpu().numpy()
+        return [prune_vectors(np.ascontiguousarray(row[k]), max_vectors) for row, k in zip(out, keep, strict=True)]
+
+    def _output(self, n: int, dimension: int | None) -> Any:
+        """Where encoded items are placed: an ``[n, D]`` array, or a list of n slots for multi-vector items."""
+        if self.multi_vector:
+            self._check_dimension(dimension)
+            return [None] * n
+        return np.empty((n, self._out_dim(dimension)), dtype=np.float32)
+
+    def _check_max_vectors(self, max_vectors: int | None) -> None:
+        if max_vectors is None:
+            return
+        if isinstance(max_vectors, bool) or not isinstance(max_vectors, int) or max_vectors < 1:
+            raise ValueError(f"max_vectors={max_vectors!r} must be a positive integer (or None to keep every vector)")
+        if not self.multi_vector:
+            raise ValueError("max_vectors applies to multi-vector models only; this model returns one vector per item")
 
     def _out_dim(self, dimension: int | None) -> int:
         return self._check_dimension(dimension) or self.embedding_dim
@@ -264,6 +355,34 @@ class VEmbedFactoryPredictor:
         if isinstance(doc, (Image.Image, bytes, bytearray)):
             return True
         return isinstance(doc, (str, os.PathLike)) and str(doc).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _place(out: Any, idx: Sequence[int], values: Embedded) -> None:
+    """``out[idx] = values`` for an ``[N, D]`` array or, multi-vector, a list of per-item arrays."""
+    if isinstance(out, np.ndarray):
+        out[list(idx)] = values
+        return
+    for i, value in zip(idx, values, strict=True):
+        out[i] = value
+
+
+def prune_vectors(vectors: np.ndarray, max_vectors: int | None) -> np.ndarray:
+    """At most ``max_vectors`` of an item's vectors ``[L, D]``, chosen to keep MaxSim close to the full set.
+
+    Greedy farthest-point selection: start from the first vector, then repeatedly add the vector least similar to
+    any already kept one. A query vector's best match is then rarely lost, since every dropped vector has a kept
+    one close to it. Kept vectors stay in their original order; ``None`` or ``max_vectors >= L`` keeps all.
+    """
+    if max_vectors is None or len(vectors) <= max_vectors:
+        return vectors
+    kept = [0]
+    closest = vectors @ vectors[0]  # each vector's best similarity to the kept set
+    for _ in range(max_vectors - 1):
+        closest[kept] = np.inf
+        pick = int(np.argmin(closest))
+        kept.append(pick)
+        closest = np.maximum(closest, vectors @ vectors[pick])
+    return np.ascontiguousarray(vectors[sorted(kept)])
 
 
 def _cosine(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:

@@ -199,7 +199,10 @@ def split_rows(columns: dict[str, np.ndarray], fmt: str) -> tuple[pa.Table, pa.T
     """A shard's rows -> (embeddings table of the good rows, errors table of the bad ones)."""
     bad = columns["error"] != ""
     good = ~bad
-    embeddings = embeddings_table(columns["id"][good], columns["source"][good], columns["embedding"][good], fmt)
+    num_vectors = columns["num_vectors"][good] if "num_vectors" in columns else None  # multi-vector models
+    embeddings = embeddings_table(
+        columns["id"][good], columns["source"][good], columns["embedding"][good], fmt, num_vectors
+    )
     errors = errors_table(columns["id"][bad], columns["source"][bad], columns["error"][bad])
     return embeddings, errors
 
@@ -226,6 +229,7 @@ def describe_model(model_path: str) -> dict[str, Any]:
         "normalize": spec.normalize,
         "embedding_dim": spec.embedding_dim,
         "mrl_dims": spec.mrl_dims,
+        "vector_tokens": spec.vector_tokens,
     }
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from vembed.batch.writer import pack_vectors
 from vembed.data.images import decode_image, read_bytes
 
 ACTOR_CPUS = 1.0  # CPU reservation of every actor, decode and model alike
@@ -98,6 +99,8 @@ class Embedder:
     """Ray Data actor: one Predictor; rows without an error -> ``embedding`` float32 ``[N, D]``.
 
     Rows with an error get a zero vector that the driver drops (it writes them to the errors file instead).
+    Multi-vector models give each row its vectors packed into bytes plus ``num_vectors``
+    (:func:`vembed.batch.writer.pack_vectors`), which the writer turns into Parquet lists.
     """
 
     def __init__(self, model_path: str, modality: str, dtype: str, dim: int | None, use_gpu: bool) -> None:
@@ -110,15 +113,26 @@ class Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         good = np.flatnonzero(batch["error"] == "")
-        vectors = np.zeros((len(batch["id"]), self.out_dim), dtype=np.float32)
+        multi = self.predictor.multi_vector
+        vectors: Any = [np.zeros((0, self.out_dim), np.float32)] * len(batch["id"])  # multi-vector rows
+        if not multi:
+            vectors = np.zeros((len(batch["id"]), self.out_dim), dtype=np.float32)
         if len(good):
             if self.modality == "image":
                 pixels = batch["pixel_values"]
                 pixels = pixels if len(good) == len(pixels) else pixels[good]  # no copy in the common case
-                vectors[good] = self.predictor.encode_pixel_values(pixels, dimension=self.dim)
+                encoded = self.predictor.encode_pixel_values(pixels, dimension=self.dim)
             else:
                 texts = [str(t) for t in batch["source"][good]]
-                vectors[good] = self.predictor.encode_text(texts, batch_size=len(texts), dimension=self.dim)
+                encoded = self.predictor.encode_text(texts, batch_size=len(texts), dimension=self.dim)
+            if multi:
+                for row, i in zip(encoded, good, strict=True):
+                    vectors[i] = row
+            else:
+                vectors[good] = encoded
+        if multi:
+            packed, counts = pack_vectors(vectors)
+            return {**_carried(batch), "error": batch["error"], "embedding": packed, "num_vectors": counts}
         return {**_carried(batch), "error": batch["error"], "embedding": vectors}
 
 

@@ -4,6 +4,7 @@ Layout (``DST`` is a local folder or any pyarrow-filesystem URI)::
 
     DST/_manifest.json               model, vembed.json hash, dim, normalisation, counts, runs, status
     DST/embeddings/part-00000.parquet  id, source, embedding (fixed-size list of float32 or float16)
+                                     multi-vector models: embedding = list of such vectors, plus num_vectors
     DST/errors/part-00000.parquet      id, source, error   (only for shards that had bad records)
 
 Every file is written to a hidden temporary name and then moved into place, so a name that exists is complete.
@@ -38,10 +39,21 @@ class OutputExistsError(FileExistsError):
     """The output folder holds results of a different job; the message says how to proceed."""
 
 
-def embeddings_table(ids: np.ndarray, sources: np.ndarray, vectors: np.ndarray, fmt: str) -> pa.Table:
-    """``id``, ``source`` and ``embedding`` as a fixed-size list of ``fmt`` (``float32`` or ``float16``)."""
+def embeddings_table(
+    ids: np.ndarray, sources: np.ndarray, vectors: np.ndarray, fmt: str, num_vectors: np.ndarray | None = None
+) -> pa.Table:
+    """``id``, ``source`` and ``embedding`` as a fixed-size list of ``fmt`` (``float32`` or ``float16``).
+
+    With ``num_vectors`` (multi-vector models) ``vectors`` holds each row's vectors packed by
+    :func:`pack_vectors`, and the table gets ``embedding`` as a list of vectors plus ``num_vectors``
+    (:func:`multi_vector_columns`).
+    """
     if fmt not in NUMPY_FORMATS:
         raise ValueError(f"format={fmt!r} is not supported; use one of {sorted(NUMPY_FORMATS)}")
+    if num_vectors is not None:
+        embedding, counts = multi_vector_columns(vectors, num_vectors, fmt)
+        columns = {"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string())}
+        return pa.table({**columns, "embedding": embedding, "num_vectors": counts})
     vectors = np.ascontiguousarray(vectors, dtype=NUMPY_FORMATS[fmt])
     if vectors.ndim != 2:
         raise ValueError(f"vectors must be [N, D], got shape {vectors.shape}")
@@ -50,6 +62,28 @@ def embeddings_table(ids: np.ndarray, sources: np.ndarray, vectors: np.ndarray, 
     return pa.table(
         {"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string()), "embedding": embedding}
     )
+
+
+def pack_vectors(items: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-vector items ``[L_i, D]`` -> (one float32 byte string per item, ``L_i`` per item): 1-D columns that
+    stream through Ray Data batches and concatenate whatever the lengths (an empty item packs to ``b""``)."""
+    packed = np.empty(len(items), dtype=object)
+    packed[:] = [np.ascontiguousarray(x, dtype="<f4").tobytes() for x in items]
+    return packed, np.array([len(x) for x in items], dtype=np.int32)
+
+
+def multi_vector_columns(packed: np.ndarray, num_vectors: np.ndarray, fmt: str) -> tuple[pa.Array, pa.Array]:
+    """Packed multi-vector rows (:func:`pack_vectors`) -> ``embedding`` (list of fixed-size ``fmt`` vectors) and
+    ``num_vectors`` (int32) columns: the one place multi-vector rows are encoded for Parquet."""
+    counts = np.asarray(num_vectors, dtype=np.int64)
+    flat = np.frombuffer(b"".join(packed), dtype="<f4") if len(packed) else np.empty(0, "<f4")
+    total = int(counts.sum())
+    if total == 0 or flat.size % total:
+        raise ValueError(f"packed vectors ({flat.size} floats) do not split into {total} vectors of one width")
+    dim = flat.size // total
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(NUMPY_FORMATS[fmt], copy=False)), dim)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, vectors), pa.array(counts.astype(np.int32))
 
 
 def errors_table(ids: np.ndarray, sources: np.ndarray, messages: np.ndarray) -> pa.Table:
@@ -123,7 +157,8 @@ class OutputStore:
         paths = self.part_paths(EMBEDDINGS_DIR)
         if not paths:
             return None
-        return pq.read_schema(paths[0], filesystem=self.fs).field("embedding").type.list_size
+        kind = pq.read_schema(paths[0], filesystem=self.fs).field("embedding").type
+        return kind.list_size if pa.types.is_fixed_size_list(kind) else kind.value_type.list_size  # multi-vector
 
     # ---- manifest ----
     def read_manifest(self) -> dict[str, Any] | None:

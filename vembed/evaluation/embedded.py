@@ -37,23 +37,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vembed.evaluation.evalset import EvalSet, load_eval_set
-from vembed.evaluation.evaluator import DEFAULT_KS, Metrics, check_dims, encode_queries, score_eval_set
+from vembed.evaluation.evaluator import DEFAULT_KS, Embedded, Metrics, check_dims, encode_queries, score_eval_set
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CorpusEmbeddings:
-    """The rows of a batch-embedding output folder: ``ids``, ``sources`` and ``vectors [N, D]`` float32."""
+    """The rows of a batch-embedding output folder: ``ids``, ``sources`` and ``vectors [N, D]`` float32 (multi-vector
+    models: one ``[L_i, D]`` array per row)."""
 
     ids: list[str]
     sources: list[str]
-    vectors: np.ndarray
+    vectors: Embedded
     dim: int | None  # the Matryoshka dim the job used (None: the model's full size)
     modality: str  # "image" or "text"
     origin: str
 
-    def lookup(self, items: Sequence[str]) -> np.ndarray:
+    def lookup(self, items: Sequence[str]) -> Embedded:
         """The vectors of ``items`` (sources), in that order; every item must be in the corpus."""
         index = {source: i for i, source in enumerate(self.sources)}
         missing = [item for item in items if item not in index]
@@ -63,7 +64,7 @@ class CorpusEmbeddings:
                 f"(e.g. {missing[0]!r}); items are matched by resolved path/URI or text, so embed the eval set's own "
                 "images (same image_root)"
             )
-        return self.vectors[[index[item] for item in items]]
+        return _take(self.vectors, [index[item] for item in items])
 
 
 def read_corpus_embeddings(folder: str, model_path: str | os.PathLike | None = None) -> CorpusEmbeddings:
@@ -141,7 +142,7 @@ def embed_with_ray(
     batch_size: int = 64,
     dim: int | None = None,
     num_actors: int | None = None,
-) -> np.ndarray:
+) -> Embedded:
     """Embed ``items`` (image paths/URIs or texts) with a Ray Data batch job in ``work_dir``; rows in item order.
 
     The job's output stays in ``work_dir``, so rerunning the same evaluation there resumes it. Any item that
@@ -174,7 +175,7 @@ def embed_with_ray(
         )
     table = read_embeddings(output)
     order = np.argsort(np.asarray(table.column("id").to_pylist(), dtype=np.int64))
-    return _vectors(table)[order]
+    return _take(_vectors(table), order)
 
 
 def evaluate_with_ray(
@@ -258,8 +259,20 @@ def _work_folder(work_dir: str | os.PathLike | None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _vectors(table: pa.Table) -> np.ndarray:
-    """The ``embedding`` column (fixed-size lists of float32/float16) as a float32 ``[N, D]`` array."""
+def _vectors(table: pa.Table) -> Embedded:
+    """The ``embedding`` column (fixed-size lists of float32/float16) as a float32 ``[N, D]`` array; multi-vector
+    output (a list of vectors per row, with ``num_vectors``) as one float32 ``[L_i, D]`` array per row."""
     column = table.column("embedding").combine_chunks()
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return flat.astype(np.float32, copy=False).reshape(len(column), column.type.list_size)
+    if "num_vectors" not in table.column_names:
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        return flat.astype(np.float32, copy=False).reshape(len(column), column.type.list_size)
+    vectors = column.flatten()  # every row's vectors, one after the other
+    width = vectors.type.list_size
+    flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+    offsets = column.offsets.to_numpy() - column.offsets[0].as_py()
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+
+
+def _take(vectors: Embedded, rows: Sequence[int] | np.ndarray) -> Embedded:
+    """Rows ``rows`` of an ``[N, D]`` array or of a multi-vector list, in that order."""
+    return [vectors[int(i)] for i in rows] if isinstance(vectors, list) else vectors[np.asarray(rows)]

@@ -7,7 +7,8 @@ pool, relevance), a :class:`~vembed.inference.VEmbedFactoryPredictor` embeds the
 numbers are the same whichever front end asks.
 
 Scores are inner products of the vectors the model returns (cosine similarity when the model normalises, the
-default). With ``mrl_dims`` the embeddings are computed once at full size and scored on each Matryoshka prefix
+default). Multi-vector (late interaction) models return one ``[L_i, D]`` array per item; they are padded once into
+``[N, L, D]`` plus masks and ranked by exact MaxSim (:mod:`vembed.maxsim`), block by block, with the same metrics. With ``mrl_dims`` the embeddings are computed once at full size and scored on each Matryoshka prefix
 (re-normalised), giving ``{dim: metrics}``; without, a flat ``{name: value}`` dict. Both shapes are what
 :func:`vembed.evaluation.report.write_report` takes. Queries without any relevant candidate (possible with label
 relevance, or when the candidate pool comes from elsewhere) are counted in ``num_queries_without_relevant`` and
@@ -25,6 +26,7 @@ import numpy as np
 
 from vembed.evaluation.evalset import EvalSet, load_eval_set
 from vembed.evaluation.metrics import metrics_per_dim, retrieval_metrics
+from vembed.maxsim import pad_vectors
 
 if TYPE_CHECKING:
     from vembed.inference import VEmbedFactoryPredictor
@@ -33,13 +35,16 @@ logger = logging.getLogger(__name__)
 
 Flat = dict[str, float]
 Metrics = Flat | dict[int, Flat]
+#: embedded items: ``[N, D]``, or one ``[L_i, D]`` array per item (multi-vector)
+Embedded = np.ndarray | list[np.ndarray]
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
 
 def encode_items(
     predictor: VEmbedFactoryPredictor, items: Sequence[str], modality: str, batch_size: int = 32
-) -> np.ndarray:
-    """Embed texts (``modality="text"``) or image paths/URIs (``"image"``) -> ``[N, D]`` float32."""
+) -> Embedded:
+    """Embed texts (``modality="text"``) or image paths/URIs (``"image"``) -> ``[N, D]`` float32 (multi-vector: one
+    ``[L_i, D]`` array per item)."""
     if modality == "text":
         return predictor.encode_text(list(items), batch_size=batch_size)
     if modality == "image":
@@ -47,7 +52,7 @@ def encode_items(
     raise ValueError(f"modality={modality!r}; expected 'text' or 'image'")
 
 
-def encode_queries(predictor: VEmbedFactoryPredictor, evalset: EvalSet, batch_size: int = 32) -> np.ndarray:
+def encode_queries(predictor: VEmbedFactoryPredictor, evalset: EvalSet, batch_size: int = 32) -> Embedded:
     """Embed the eval set's queries -> ``[num_queries, D]``: texts, images, or composed text + image (m2i, m2t)."""
     if evalset.query_modality != "multimodal":
         items = evalset.query_texts if evalset.query_modality == "text" else evalset.query_images
@@ -57,14 +62,13 @@ def encode_queries(predictor: VEmbedFactoryPredictor, evalset: EvalSet, batch_si
         predictor.encode_multimodal(texts[i : i + batch_size], images[i : i + batch_size])
         for i in range(0, len(texts), batch_size)
     ]
-    return np.concatenate(parts)
+    return [item for part in parts for item in part] if predictor.multi_vector else np.concatenate(parts)
 
 
 def encode_eval_set(
     predictor: VEmbedFactoryPredictor, evalset: EvalSet, batch_size: int = 32
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[Embedded, Embedded]:
     """``(query embeddings, candidate embeddings)`` of an eval set; leave-one-out sets embed their items once."""
-    check_single_vector(predictor)
     candidates = encode_items(predictor, evalset.candidates, evalset.candidate_modality, batch_size)
     queries = candidates if evalset.leave_one_out else encode_queries(predictor, evalset, batch_size)
     return queries, candidates
@@ -72,8 +76,8 @@ def encode_eval_set(
 
 def score_eval_set(
     evalset: EvalSet,
-    query_emb: np.ndarray,
-    cand_emb: np.ndarray,
+    query_emb: Embedded,
+    cand_emb: Embedded,
     ks: Sequence[int] = DEFAULT_KS,
     mrl_dims: Sequence[int] = (),
     pool: Sequence[str] | None = None,
@@ -82,8 +86,9 @@ def score_eval_set(
 
     Args:
         evalset: the queries' relevance.
-        query_emb: ``[num_queries, D]``, in the order of the eval set's queries.
-        cand_emb: ``[len(pool), D]``, in the order of ``pool``.
+        query_emb: ``[num_queries, D]``, in the order of the eval set's queries; or, multi-vector, one
+            ``[L_i, D]`` array per query (scored by MaxSim).
+        cand_emb: ``[len(pool), D]`` (or one ``[L_i, D]`` array per candidate), in the order of ``pool``.
         ks: cut-offs for the @K metrics.
         mrl_dims: Matryoshka prefixes to score (each re-normalised); empty = the full embedding only.
         pool: the candidates ``cand_emb`` embeds (paths/URIs or texts); default the eval set's own candidates.
@@ -96,6 +101,11 @@ def score_eval_set(
     """
     pool = evalset.candidates if pool is None else pool
     _check_embeddings(evalset, query_emb, cand_emb, len(pool))
+    scoring: dict = {}
+    if isinstance(query_emb, list):  # multi-vector: pad once, MaxSim over the masks
+        query_emb, query_mask = pad_vectors(query_emb)
+        cand_emb, cand_mask = pad_vectors(cand_emb)
+        scoring = {"query_mask": query_mask, "cand_mask": cand_mask}
     counts: Flat = {"num_records": evalset.num_records}
     if evalset.leave_one_out:
         if pool is not evalset.candidates:
@@ -121,9 +131,9 @@ def score_eval_set(
             )
         relevance = {"relevant": relevant}
     if mrl_dims:
-        per_dim = metrics_per_dim(query_emb, cand_emb, list(mrl_dims), ks=ks, **relevance)
+        per_dim = metrics_per_dim(query_emb, cand_emb, list(mrl_dims), ks=ks, **relevance, **scoring)
         return {dim: {**metrics, **counts} for dim, metrics in per_dim.items()}
-    return {**retrieval_metrics(query_emb, cand_emb, ks=ks, **relevance), **counts}
+    return {**retrieval_metrics(query_emb, cand_emb, ks=ks, **relevance, **scoring), **counts}
 
 
 def evaluate_predictor(
@@ -182,16 +192,6 @@ def evaluate_model_path(
     return evaluate_predictor(predictor, data, mode, batch_size, ks, mrl_dims, image_root, column_mapping, relevance)
 
 
-def check_single_vector(predictor: VEmbedFactoryPredictor) -> None:
-    """The Predictor returns one vector per item; multi-vector (late interaction) models need token embeddings."""
-    if predictor.model.multi_vector:
-        raise ValueError(
-            "this model is multi-vector (pooling_method='none'); the Predictor, and so this evaluator, returns one "
-            "vector per item. Score its token embeddings with vembed.evaluation.metrics.retrieval_metrics "
-            "(MaxSim with masks), or evaluate it with a pooling method"
-        )
-
-
 def check_dims(mrl_dims: Sequence[int], embedding_dim: int) -> None:
     """Matryoshka dims must be distinct ints in ``1..embedding_dim``; checked before anything is embedded."""
     dims = list(mrl_dims)
@@ -205,15 +205,23 @@ def check_dims(mrl_dims: Sequence[int], embedding_dim: int) -> None:
         )
 
 
-def _check_embeddings(evalset: EvalSet, query_emb: np.ndarray, cand_emb: np.ndarray, num_candidates: int) -> None:
-    for name, emb, rows in (("query", query_emb, evalset.num_queries), ("candidate", cand_emb, num_candidates)):
-        if np.ndim(emb) != 2 or len(emb) != rows:
-            raise ValueError(
-                f"{name} embeddings must be [{rows}, dim] (one row per {name} of {evalset.origin}), "
-                f"got shape {tuple(np.shape(emb))}"
-            )
-    if query_emb.shape[1] != cand_emb.shape[1]:
+def _check_embeddings(evalset: EvalSet, query_emb: Embedded, cand_emb: Embedded, num_candidates: int) -> None:
+    multi = isinstance(query_emb, list)
+    if multi != isinstance(cand_emb, list):
         raise ValueError(
-            f"query embeddings have dim {query_emb.shape[1]} but candidate embeddings have dim {cand_emb.shape[1]}; "
+            "queries and candidates must both be single-vector [N, dim] arrays or both multi-vector lists of "
+            "[vectors, dim] arrays; both must come from the same model"
+        )
+    for name, emb, rows in (("query", query_emb, evalset.num_queries), ("candidate", cand_emb, num_candidates)):
+        if (not multi and np.ndim(emb) != 2) or len(emb) != rows:
+            shape = f"{len(emb)} items" if multi else f"shape {tuple(np.shape(emb))}"
+            raise ValueError(
+                f"{name} embeddings must be [{rows}, dim] (one row per {name} of {evalset.origin}; multi-vector: one "
+                f"[vectors, dim] array each), got {shape}"
+            )
+    query_dim, cand_dim = (np.shape(emb[0] if multi else emb)[-1] for emb in (query_emb, cand_emb))
+    if query_dim != cand_dim:
+        raise ValueError(
+            f"query embeddings have dim {query_dim} but candidate embeddings have dim {cand_dim}; "
             "both must come from the same model at the same Matryoshka dim"
         )

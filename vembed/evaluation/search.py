@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vembed.maxsim import maxsim, maxsim_paired
+
 ArrayLike = Tensor | np.ndarray
 
 # Elements (pairs x per-pair work) scored per step in ``Scorer.pairs``; bounds its temporary memory.
@@ -129,7 +131,7 @@ class DotScorer:
 
 
 class MaxSimScorer:
-    """Late-interaction scores: ``sum_t max_s <q_t, c_s>`` over valid query tokens t and candidate tokens s.
+    """Late-interaction scores (:mod:`vembed.maxsim`) of blocks and pairs, for the chunked searches below.
 
     ``queries`` is ``[Q, Lq, D]``, ``candidates`` is ``[N, Lc, D]``; masks are ``[Q, Lq]`` / ``[N, Lc]`` with
     True for real tokens (None: all real). A block of ``q`` queries and ``c`` candidates holds
@@ -161,12 +163,8 @@ class MaxSimScorer:
 
     def block(self, q0: int, q1: int, c0: int, c1: int) -> Tensor:
         """MaxSim scores ``[q1 - q0, c1 - c0]`` of queries ``q0:q1`` against candidates ``c0:c1``."""
-        q, qm = self.queries[q0:q1], self.query_mask[q0:q1]
-        c = self.candidates[c0:c1].to(self.device)
-        cm = self.cand_mask[c0:c1].to(self.device)
-        sim = (q.reshape(-1, q.shape[-1]) @ c.reshape(-1, c.shape[-1]).T).view(len(q), q.shape[1], len(c), c.shape[1])
-        best = sim.masked_fill_(~cm[None, None], float("-inf")).amax(-1)  # [q, Lq, c]
-        return best.masked_fill_(~qm[:, :, None], 0.0).sum(1)
+        c, cm = self.candidates[c0:c1].to(self.device), self.cand_mask[c0:c1].to(self.device)
+        return maxsim(self.queries[q0:q1], self.query_mask[q0:q1], c, cm)
 
     def pairs(self, query_idx: Tensor, cand_idx: Tensor) -> Tensor:
         """MaxSim scores ``[P]`` of the given (query, candidate) index pairs."""
@@ -174,9 +172,8 @@ class MaxSimScorer:
         step = max(1, _PAIR_BUDGET // (self.queries.shape[1] * self.candidates.shape[1]))
         for s in range(0, len(query_idx), step):
             qi, ci = query_idx[s : s + step], cand_idx[s : s + step].to(self.candidates.device)
-            sim = self.queries[qi] @ self.candidates[ci].to(self.device).transpose(1, 2)  # [p, Lq, Lc]
-            best = sim.masked_fill_(~self.cand_mask[ci].to(self.device)[:, None], float("-inf")).amax(-1)
-            out[s : s + step] = best.masked_fill_(~self.query_mask[qi], 0.0).sum(1)
+            cands, cand_mask = self.candidates[ci].to(self.device), self.cand_mask[ci].to(self.device)
+            out[s : s + step] = maxsim_paired(self.queries[qi], self.query_mask[qi], cands, cand_mask)
         return out
 
 

@@ -1,7 +1,7 @@
 """Late-interaction (ColBERT) contrastive loss over token embeddings with padding masks.
 
 ``score(q, d) = sum_{i in q} max_{j in d} <q_i, d_j>`` over real tokens only (see
-:func:`~vembed.losses.functional.maxsim_scores`), then the same contrastive cross-entropy as
+:func:`vembed.maxsim.maxsim`, the one MaxSim), then the same contrastive cross-entropy as
 InfoNCE over every (gathered) positive and hard negative, scaled by ``1 / temperature``
 (Khattab & Zaharia 2020 train with this in-batch softmax). Scores are sums over query tokens, so
 they grow with the query length: pick the temperature accordingly. Labels work as in InfoNCE.
@@ -11,15 +11,15 @@ Inputs: ``query`` ``[B, Lq, D]``, ``positive`` ``[B, Lp, D]``, negatives ``[K, L
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from vembed.config import VEmbedConfig
 from vembed.losses.base import EmbeddingLoss, LossInputs, check_class_labels
 from vembed.losses.candidates import collect_candidates
-from vembed.losses.functional import contrastive_nll, maxsim_scores
+from vembed.losses.functional import contrastive_nll
 from vembed.losses.registry import register_loss
 from vembed.losses.scale import LogitScale
+from vembed.maxsim import maxsim
 
 
 def _check_has_tokens(name: str, mask: Tensor | None) -> None:
@@ -64,8 +64,5 @@ class MaxSimLoss(EmbeddingLoss):
             negative_mask=inputs.negative_mask,
             gather=self.gather_across_workers,
         )
-        query_mask = inputs.query_mask
-        if query_mask is None:
-            query_mask = torch.ones(inputs.query.shape[:-1], dtype=torch.bool, device=inputs.query.device)
-        scores = maxsim_scores(inputs.query, query_mask, cands.embeddings, cands.token_mask)
+        scores = maxsim(inputs.query, inputs.query_mask, cands.embeddings, cands.token_mask)
         return cands.share_of_mean(contrastive_nll(self.logit_scale() * scores, cands.is_positive))

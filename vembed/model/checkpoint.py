@@ -44,6 +44,9 @@ FORMAT_VERSION = 1
 SPEC_FILE = "vembed.json"
 HEADS_FILE = "heads.safetensors"
 ADAPTER_DIR = "lora_adapter"
+#: which tokens are a multi-vector item's vectors (``vembed.json`` ``vector_tokens``, decided once at save):
+#: ``non_padding`` = every token the attention mask keeps, special tokens included (ColBERT-style encoders)
+VECTOR_TOKENS: tuple[str, ...] = ("non_padding",)
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ModelSpec:
     heads: dict[str, dict[str, int]] = field(default_factory=dict)  # modality -> {"in": ..., "out": ...}
     lora: dict[str, str] = field(default_factory=dict)  # backbone attribute -> adapter dir (adapter saves only)
     family_info: dict[str, Any] = field(default_factory=dict)
+    vector_tokens: str | None = None  # multi-vector models: one of VECTOR_TOKENS; None for single-vector
     format_version: int = FORMAT_VERSION
     vembed_version: str = vembed.__version__
 
@@ -86,9 +90,15 @@ def read_spec(directory: str | Path) -> ModelSpec:
     get_family(raw.get("family", "<missing>"))
     known = set(ModelSpec.__dataclass_fields__)
     try:
-        return ModelSpec(**{k: v for k, v in raw.items() if k in known})
+        spec = ModelSpec(**{k: v for k, v in raw.items() if k in known})
     except TypeError as exc:
         raise ValueError(f"{path} is incomplete: {exc}") from exc
+    if spec.vector_tokens is not None and spec.vector_tokens not in VECTOR_TOKENS:
+        raise ValueError(
+            f"{path}: vector_tokens={spec.vector_tokens!r} is not known to this vembed (knows {list(VECTOR_TOKENS)}); "
+            "upgrade vembed"
+        )
+    return spec
 
 
 def _save_processors(source: str, target: Path, modalities: tuple[str, ...]) -> None:

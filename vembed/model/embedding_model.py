@@ -217,6 +217,13 @@ class EmbeddingModel(nn.Module):
         return all(method == "none" for method in self.encoder.pooling.values())
 
     @property
+    def vector_tokens(self) -> str | None:
+        """Which tokens are an item's vectors when multi-vector (saved in ``vembed.json``; see
+        :data:`vembed.model.checkpoint.VECTOR_TOKENS`): every non-padding token, i.e. the mask ``encode_*`` returns.
+        None for single-vector models."""
+        return "non_padding" if self.multi_vector else None
+
+    @property
     def modalities(self) -> tuple[str, ...]:
         """The inputs this model encodes: ``("text",)``, ``("image",)`` or both."""
         return self.encoder.modalities
@@ -240,6 +247,7 @@ class EmbeddingModel(nn.Module):
             embedding_dim=self.embedding_dim,
             heads=head_shapes(self.heads),
             family_info=self.encoder.describe(),
+            vector_tokens=self.vector_tokens,
         )
 
     # -------------------------------------------------------------------------------------------- model switches

@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from vembed.inference import Embedded
 from vembed.serving import schemas
 from vembed.serving.errors import APIError, install_error_handlers, validation_error
 from vembed.serving.limits import BodySizeLimit, check_item_count, check_model, check_texts
@@ -109,7 +110,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
 
         return await run_in_threadpool(work)
 
-    async def embed_texts(texts: list[str], dimensions: Optional[int], param: str) -> np.ndarray:
+    async def embed_texts(texts: list[str], dimensions: Optional[int], param: str) -> Embedded:
         check_item_count(len(texts), args, param)
         check_texts(texts, args, param)
         service.count_tokens(texts, param)
@@ -119,6 +120,15 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
     async def create_embeddings(body: EmbeddingsRequest) -> EmbeddingsResponse:
         """Embed texts and images (``{"type": "image", "image": "<data URL or base64>"}``) in one list."""
         check_model(body.model, service.model_name)
+        if service.predictor.multi_vector:
+            raise APIError(
+                400,
+                f"model {service.model_name!r} is multi-vector (late interaction): each item is a list of vectors, "
+                "which the OpenAI embeddings shape (one vector per item) cannot hold; use POST /embed/text or "
+                "/embed/image for per-item vector lists and POST /similarity for MaxSim scores",
+                param="model",
+                code="multi_vector_model",
+            )
         dimensions = service.check_dimensions(body.dimensions)
         items = [body.input] if isinstance(body.input, str) else body.input
         check_item_count(len(items), args, "input")
@@ -151,8 +161,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
         check_model(body.model, service.model_name)
         dimensions = service.check_dimensions(body.dimensions)
         texts = [body.texts] if isinstance(body.texts, str) else body.texts
-        vectors = await embed_texts(texts, dimensions, "texts")
-        return EmbedResponse(model=service.model_name, dimensions=vectors.shape[1], embeddings=vectors.tolist())
+        return _embed_response(service.model_name, await embed_texts(texts, dimensions, "texts"))
 
     @api.post("/embed/image", response_model=EmbedResponse, tags=["embed"], openapi_extra=EMBED_IMAGE_BODY)
     async def embed_image(request: Request) -> EmbedResponse:
@@ -182,11 +191,12 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
             )
         dimensions = service.check_dimensions(dimensions)
         vectors = await service.embed_images(await decode_images(sources, params), dimensions)
-        return EmbedResponse(model=service.model_name, dimensions=vectors.shape[1], embeddings=vectors.tolist())
+        return _embed_response(service.model_name, vectors)
 
     @api.post("/similarity", response_model=SimilarityResponse, tags=["embed"])
     async def similarity(body: SimilarityRequest) -> SimilarityResponse:
-        """Cosine similarity of a query (text, image, or both for composed models) to each document."""
+        """Cosine similarity of a query (text, image, or both for composed models) to each document (MaxSim for
+        multi-vector models)."""
         check_model(body.model, service.model_name)
         dimensions = service.check_dimensions(body.dimensions)
         if body.query_text is None and body.query_image is None:
@@ -251,6 +261,18 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
 
     app.include_router(api)
     return app
+
+
+def _embed_response(model: str, vectors: Embedded) -> EmbedResponse:
+    """``/embed/*`` answer: a vector per item, or (multi-vector) a list of vectors per item plus ``num_vectors``."""
+    if isinstance(vectors, list):
+        return EmbedResponse(
+            model=model,
+            dimensions=int(vectors[0].shape[1]),
+            embeddings=[v.tolist() for v in vectors],
+            num_vectors=[len(v) for v in vectors],
+        )
+    return EmbedResponse(model=model, dimensions=vectors.shape[1], embeddings=vectors.tolist())
 
 
 async def _nothing() -> None:

@@ -92,7 +92,10 @@ class EmbedImageRequest(_Request):
 class EmbedResponse(BaseModel):
     model: str
     dimensions: int
-    embeddings: list[list[float]]
+    embeddings: Union[list[list[float]], list[list[list[float]]]] = Field(
+        description="one vector per item; multi-vector (late-interaction) models: one list of vectors per item"
+    )
+    num_vectors: Optional[list[int]] = Field(None, description="multi-vector models: how many vectors each item has")
 
 
 class SimilarityRequest(_Request):
@@ -107,7 +110,9 @@ class SimilarityRequest(_Request):
 
 class SimilarityResponse(BaseModel):
     model: str
-    scores: list[float] = Field(description="cosine similarity of the query to each document, in order")
+    scores: list[float] = Field(
+        description="cosine similarity of the query to each document, in order (multi-vector models: MaxSim)"
+    )
 
 
 class ModelCard(BaseModel):

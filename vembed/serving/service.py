@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from ray import serve
 
-from vembed.inference import VEmbedFactoryPredictor
+from vembed.inference import Embedded, VEmbedFactoryPredictor
 from vembed.serving.errors import APIError
 from vembed.serving.limits import item_param
 from vembed.serving.schemas import BatchStats
@@ -104,25 +104,27 @@ class EmbeddingService:
         return int(sum(min(length, window) for length in lengths))
 
     # ---- encoding (batched) ----
-    async def embed_texts(self, texts: Sequence[str], dimensions: Optional[int] = None) -> np.ndarray:
-        """``(N, D)`` float32 for ``texts``, each text batched with other requests' texts."""
+    async def embed_texts(self, texts: Sequence[str], dimensions: Optional[int] = None) -> Embedded:
+        """``(N, D)`` float32 for ``texts``, each text batched with other requests' texts (multi-vector models: one
+        ``[L_i, D]`` array per text)."""
         rows = await within_timeout(
             asyncio.gather(*(self._text_batch((t, dimensions)) for t in texts)), self.args.request_timeout_s
         )
-        return np.stack(rows)
+        return list(rows) if self.predictor.multi_vector else np.stack(rows)
 
-    async def embed_images(self, images: Sequence[Image.Image], dimensions: Optional[int] = None) -> np.ndarray:
-        """``(N, D)`` float32 for decoded ``images``, each image batched with other requests' images."""
+    async def embed_images(self, images: Sequence[Image.Image], dimensions: Optional[int] = None) -> Embedded:
+        """``(N, D)`` float32 for decoded ``images``, each image batched with other requests' images (multi-vector
+        models: one ``[L_i, D]`` array per image)."""
         rows = await within_timeout(
             asyncio.gather(*(self._image_batch((im, dimensions)) for im in images)), self.args.request_timeout_s
         )
-        return np.stack(rows)
+        return list(rows) if self.predictor.multi_vector else np.stack(rows)
 
     async def probe(self) -> int:
         """Encode one tiny input of a modality the model has, through its batch queue; returns the vector width."""
         if self.predictor.preprocessor.has_text:
-            return int((await self.embed_texts(["ready"])).shape[1])
-        return int((await self.embed_images([Image.new("RGB", (8, 8))])).shape[1])
+            return int((await self.embed_texts(["ready"]))[0].shape[-1])
+        return int((await self.embed_images([Image.new("RGB", (8, 8))]))[0].shape[-1])
 
     async def similarity(self, **kwargs: Any) -> np.ndarray:
         """The Predictor's own ``similarity`` (not batched across requests), in a worker thread.
