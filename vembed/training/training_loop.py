@@ -53,6 +53,7 @@ from vembed.training.distributed import (
     unwrap_model,
 )
 from vembed.training.grad_cache import GradCache
+from vembed.training.progress import ProgressPrinter
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class Trainer:
         model_factory: builds an unsharded model of the same architecture (FSDP user checkpoints).
         run_info: constant values added to every metrics report (e.g. worker node ids).
         bad_records: returns the number of records skipped as unreadable so far (reported as metric).
+        steps_per_epoch: optimizer steps per epoch, for the progress lines' ``step s/S`` and ETA (default:
+            from ``len(dataloader)`` when it has one).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class Trainer:
         model_factory: Callable[[], nn.Module] | None = None,
         run_info: Mapping[str, Any] | None = None,
         bad_records: Callable[[], int] | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
         self.config = as_config(config)
         cfg = self.config
@@ -160,6 +164,7 @@ class Trainer:
         self.model_factory = model_factory
         self.run_info = dict(run_info or {})
         self.bad_records = bad_records
+        self.steps_per_epoch = steps_per_epoch or _steps_from_len(dataloader, cfg.gradient_accumulation_steps)
         self.output_dir = Path(cfg.output_dir)
         self.in_ray = in_ray_train_worker()
         self.rank, self.world_size = distributed_world()
@@ -174,6 +179,7 @@ class Trainer:
         self._grad_cache = GradCache(model, self._loss, cfg.grad_cache_chunk_size) if cfg.grad_cache else None
         self._window = _MetricWindow()
         self._tensorboard = self._open_tensorboard()
+        self._printer: ProgressPrinter | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def _prepare_with_accelerator(self, model, optimizer, dataloader, val_dataloader):
@@ -286,6 +292,9 @@ class Trainer:
         cfg = self.config
         if self.rank == 0:
             cfg.save(self.output_dir / RESOLVED_CONFIG_FILE)
+        self._printer = ProgressPrinter(
+            cfg.epochs, self.steps_per_epoch, start_step=self.progress.step, enabled=self.rank == 0
+        )
         self.model.train()
         for epoch in range(self.progress.epoch, cfg.epochs):
             self._run_epoch(epoch)
@@ -297,6 +306,7 @@ class Trainer:
             self._report(metrics, with_checkpoint=True)
         if self._tensorboard is not None:
             self._tensorboard.close()
+        self._printer.close(self.history)
         return self.history[-1] if self.history else {}
 
     def _run_epoch(self, epoch: int) -> None:
@@ -329,6 +339,8 @@ class Trainer:
     def _after_step(self, epoch: int) -> None:
         cfg, step = self.config, self.progress.step
         self._maybe_fail(step)
+        if self._printer is not None:
+            self._printer.tick(step)
         metrics: dict[str, Any] = {}
         if cfg.logging_steps > 0 and step % cfg.logging_steps == 0:
             metrics = self._metrics(epoch)
@@ -415,16 +427,15 @@ class Trainer:
     def _report(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
         """Hand metrics to Ray Train (with a resume checkpoint when asked), accelerate or the log."""
         self.history.append(metrics)
+        if self._printer is not None:
+            self._printer.report(metrics)  # the readable line (rank 0); the full dict goes to the debug log
+        logger.debug(_format(metrics))
         if self._tensorboard is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(f"train/{key}", value, self.progress.step)
         if self.in_ray:
             self._report_to_ray(metrics, with_checkpoint)
-        elif self.accelerator is not None:
-            self.accelerator.print(_format(metrics))
-        elif self.rank == 0:
-            logger.info(_format(metrics))
 
     def _report_to_ray(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
         import ray.train
@@ -486,6 +497,15 @@ class _MetricWindow:
             self._last = (float(self._loss_sum) / self._batches, self._samples / elapsed)
         self._reset()
         return self._last
+
+
+def _steps_from_len(dataloader: Any, accumulation: int) -> int | None:
+    """Optimizer steps per epoch of a dataloader with a length (None without one)."""
+    try:
+        batches = len(dataloader)
+    except TypeError:
+        return None
+    return -(-batches // accumulation) if batches else None
 
 
 def _model_device(model: nn.Module) -> torch.device:
