@@ -14,6 +14,7 @@ import pytest
 
 from vembed.training.progress import ProgressPrinter
 
+RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\([^)]*pid=\d+[^)]*\)(\x1b\[[0-9;]*m)*\s*")
 REPO = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(
     r"vembed: epoch (\d+)/2  step (\d+)/8 \(\d+%\)  loss \d+\.\d{4}  lr \d\.\d\de[-+]\d\d  [\d.]+ samples/s  ETA \d+:\d\d:\d\d"
@@ -80,10 +81,9 @@ def test_vembed_train_prints_progress_while_it_trains(ray_local, tiny_clip_dir, 
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         try:
             for line in process.stdout:
-                if "vembed: " in line:
-                    final = (output / "checkpoint-epoch-2").exists()
-                    text = line[line.index("vembed: ") :].strip()  # without Ray's "(RayTrainWorker pid=..)"
-                    seen.append((text, process.poll() is None, final))
+                final = (output / "checkpoint-epoch-2").exists()
+                text = RAY_PREFIX.sub("", line).strip()  # without Ray's "(RayTrainWorker pid=...)"
+                seen.append((text, process.poll() is None, final))
             returncode = process.wait(timeout=600)
         finally:
             if process.poll() is None:
