@@ -96,7 +96,7 @@ def test_vembed_train_prints_progress_while_it_trains(ray_local, tiny_clip_dir, 
     first = next(i for i, line in enumerate(lines) if STEP_LINE.search(line))
     assert seen[first][1] and not seen[first][2], "the first progress line must arrive while training runs"
     validation = [line for line in lines if line.startswith("vembed: validation at step ")]
-    assert [v.split(":")[0] for v in validation] == [
+    assert [v.partition("): ")[0] + ")" for v in validation] == [
         "vembed: validation at step 4 (epoch 1)",
         "vembed: validation at step 8 (epoch 2)",
     ]

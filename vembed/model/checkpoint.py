@@ -9,6 +9,10 @@ Layout of a saved model directory::
                                  ``transformers.AutoModel.from_pretrained(dir)`` loads it as is
     text_encoder/, image_encoder/
                                  composed family: one Hugging Face directory per backbone, each with its processor
+    modules.json, 1_Pooling/, 2_Dense/, 3_Normalize/, config_sentence_transformers.json
+                                 text and composed families: the sentence-transformers layout of the text side
+                                 (:mod:`vembed.model.st_export`)
+    README.md                    the model card (base model, data, last evaluation, how to load it)
     adapter_config.json, adapter_model.safetensors   (in the root or in each backbone directory)
                                  LoRA saved as an adapter (``merge_lora=False``, ``lora_save_mode: adapter``): the
                                  backbone directory is a PEFT adapter directory *instead of* a full model: no base
@@ -41,6 +45,7 @@ from vembed.model.families import EncoderFamily, get_family
 from vembed.model.heads import build_heads
 from vembed.model.hf import unwrap
 from vembed.model.lora import adapter_base, is_lora, load_adapter, plain_state_dict, save_adapter
+from vembed.model.st_export import write_model_card, write_sentence_transformers_layout
 
 if TYPE_CHECKING:
     from vembed.model.embedding_model import EmbeddingModel
@@ -164,6 +169,8 @@ def save_model(model: EmbeddingModel, directory: str | Path, merge_lora: bool = 
     spec.lora = adapters
     spec.lora_base = bases
     (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    has_st = write_sentence_transformers_layout(model, directory)  # text / composed: readable by ST, TEI, ...
+    write_model_card(directory, asdict(spec), {**family.sources, **bases}, sentence_transformers=has_st)
     return directory
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.losses.distributed import all_gather_with_grad
+from vembed.model.st_export import update_model_card
 from vembed.training.checkpointing import (
     TrainingProgress,
     load_training_state,
@@ -302,7 +303,11 @@ class Trainer:
             metrics = self._metrics(epoch)
             if self.val_dataloader is not None and cfg.eval_steps == 0:
                 metrics.update(self.evaluate())
-            save_user_checkpoint(self.model, self.output_dir / f"checkpoint-epoch-{epoch + 1}", cfg, self.model_factory)
+            checkpoint = save_user_checkpoint(
+                self.model, self.output_dir / f"checkpoint-epoch-{epoch + 1}", cfg, self.model_factory
+            )
+            if self.rank == 0:
+                update_model_card(checkpoint, cfg, metrics)  # base model, data and this epoch's metrics
             self._report(metrics, with_checkpoint=True)
         if self._tensorboard is not None:
             self._tensorboard.close()
