@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vembed.config import ConfigError, VEmbedConfig
 from vembed.modelpath import resolve_source
+from vembed.training.tracking import check_trackers
 
 MODEL_KEYS = ("model_name", "text_model_name", "image_model_name", "teacher_model_name")
 DATA_KEYS = ("data_path", "val_data_path")
@@ -28,6 +29,10 @@ def check_sources(config: VEmbedConfig) -> None:
                 raise ConfigError(f"{key}: {exc}") from exc
     if config.data_path is None:
         raise ConfigError("data_path is not set: give the training records (JSONL / CSV / Parquet)")
+    try:
+        check_trackers(config.report_to)
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from exc
     for key in DATA_KEYS:
         value = getattr(config, key)
         if value is not None and "://" not in value and not Path(value).expanduser().exists():

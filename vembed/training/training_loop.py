@@ -55,6 +55,7 @@ from vembed.training.distributed import (
 )
 from vembed.training.grad_cache import GradCache
 from vembed.training.progress import ProgressPrinter
+from vembed.training.tracking import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class Trainer:
         self._unsynced_params = [p for p in self._params if id(p) not in model_params]
         self._grad_cache = GradCache(model, self._loss, cfg.grad_cache_chunk_size) if cfg.grad_cache else None
         self._window = _MetricWindow()
-        self._tensorboard = self._open_tensorboard()
+        self._trackers = Trackers(cfg.report_to, self.output_dir, cfg.to_dict(), rank=self.rank)
         self._printer: ProgressPrinter | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -208,17 +209,6 @@ class Trainer:
 
         teacher = build_model(cfg.replace(model_name=cfg.teacher_model_name, use_lora=False, torch_compile=False))
         return teacher.requires_grad_(False).eval().to(self.device)
-
-    def _open_tensorboard(self) -> Any | None:
-        if self.config.report_to != "tensorboard" or self.rank != 0:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise ImportError(
-                "report_to: tensorboard needs the tensorboard package: pip install 'vembed[tensorboard]'"
-            ) from exc
-        return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
 
     # -- the step ---------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -309,8 +299,7 @@ class Trainer:
             if self.rank == 0:
                 update_model_card(checkpoint, cfg, metrics)  # base model, data and this epoch's metrics
             self._report(metrics, with_checkpoint=True)
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        self._trackers.close()
         self._printer.close(self.history)
         return self.history[-1] if self.history else {}
 
@@ -435,10 +424,7 @@ class Trainer:
         if self._printer is not None:
             self._printer.report(metrics)  # the readable line (rank 0); the full dict goes to the debug log
         logger.debug(_format(metrics))
-        if self._tensorboard is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(f"train/{key}", value, self.progress.step)
+        self._trackers.log(metrics, self.progress.step)  # report_to: tensorboard / wandb / mlflow (rank 0)
         if self.in_ray:
             self._report_to_ray(metrics, with_checkpoint)
 
