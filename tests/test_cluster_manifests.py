@@ -78,6 +78,7 @@ def _check_cluster_spec(spec: dict) -> None:
     assert isinstance(head["rayStartParams"], dict)
     (head_container,) = _check_pod(head["template"], claims)
     assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {}), "the head is CPU-only"
+    _check_shm(head["template"])
     assert {p["containerPort"] for p in head_container["ports"]} >= {6379, 8265}
 
     groups = spec["workerGroupSpecs"]
@@ -86,8 +87,19 @@ def _check_cluster_spec(spec: dict) -> None:
         assert group["groupName"] and isinstance(group["rayStartParams"], dict)
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         (container,) = _check_pod(group["template"], claims)
+        _check_shm(group["template"])
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         assert int(limits["nvidia.com/gpu"]) >= 1 and limits["nvidia.com/gpu"] == requests["nvidia.com/gpu"]
+
+
+def _check_shm(template: dict) -> None:
+    """Every Ray pod (head included: job drivers and the Serve proxy use the object store) mounts a memory-backed
+    /dev/shm instead of the container default of 64 MiB."""
+    (container,) = template["spec"]["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "/dev/shm" in mounts, container["name"]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mounts["/dev/shm"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
 
 
 def _entrypoint(doc: dict) -> list[str]:
