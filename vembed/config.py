@@ -126,6 +126,7 @@ class VEmbedConfig:
     eval_steps: int
     eval_batch_size: int
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]]
+    push_to_hub: Optional[str]
     fail_at_step: Optional[int]
 
     # -- dict-style access, as the seed guide indexes configs like dicts --

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.losses.distributed import all_gather_with_grad
-from vembed.model.st_export import update_model_card
+from vembed.model.st_export import push_to_hub, update_model_card
 from vembed.training.checkpointing import (
     TrainingProgress,
     load_training_state,
@@ -300,6 +300,9 @@ class Trainer:
                 update_model_card(checkpoint, cfg, metrics)  # base model, data and this epoch's metrics
             self._report(metrics, with_checkpoint=True)
         self._trackers.close()
+        if cfg.push_to_hub and self.rank == 0 and cfg.epochs > 0:
+            url = push_to_hub(self.output_dir / f"checkpoint-epoch-{cfg.epochs}", cfg.push_to_hub)
+            logger.info("pushed the last checkpoint to %s", url)
         self._printer.close(self.history)
         return self.history[-1] if self.history else {}
 
