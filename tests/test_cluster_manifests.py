@@ -179,6 +179,11 @@ def test_the_dockerfile_builds_the_image_the_manifests_name():
     text = (REPO / "Dockerfile").read_text()
     (base,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
     assert base.startswith(f"rayproject/ray:{_ray_version()}-"), "the image's Ray must match the cluster's"
+    cuda = re.search(r"-(cu\d+)$", base)
+    assert cuda, "an explicit CUDA tag, not the moving -gpu alias"
+    assert re.search(rf"TORCH_INDEX=https://download.pytorch.org/whl/{cuda.group(1)}\s", text), "torch of that CUDA"
+    assert re.search(r"pip install .*torch==\$\{TORCH_VERSION\}.*--index-url", text)
+    assert not re.search(r"^RUN\s+--mount", text, flags=re.M)  # builds without BuildKit too
     assert re.search(rf"^WORKDIR\s+{IMAGE_HOME}\s*$", text, flags=re.M)
     copied = set(re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)\s", text, flags=re.M))
     assert {"vembed", "configs", "ray_jobs", "pyproject.toml"} <= copied
@@ -191,6 +196,7 @@ def test_ray_up_config_has_what_the_launcher_needs():
     assert config["cluster_name"] and config["max_workers"] >= 1
     assert config["provider"]["type"] == "aws" and config["provider"]["region"]
     assert config["auth"]["ssh_user"] and config["docker"]["image"] == IMAGE
+    assert config["available_node_types"]["gpu_worker"]["node_config"]["ImageId"].startswith("ami-")
     types = config["available_node_types"]
     assert config["head_node_type"] in types
     workers = [t for name, t in types.items() if name != config["head_node_type"]]
