@@ -89,3 +89,18 @@ def test_help_shows_defaults_and_no_markup(command):
             assert "(default" in action.help or "%(default)" in sub.formatter_class(sub.prog)._get_help_string(
                 action
             ), f"{command} {flag} does not show its default"
+
+
+def test_a_user_error_wrapped_by_ray_train_is_found():
+    from ray.train import WorkerGroupError
+
+    from vembed.clierrors import find_user_error
+    from vembed.data.records import RecordError
+
+    bad = RecordError("bad record 'x' at data.jsonl:3: positive is missing")
+    try:
+        raise RuntimeError("worker died") from bad
+    except RuntimeError as worker:
+        failed = WorkerGroupError("training failed", {0: worker})
+    assert find_user_error(failed) is bad
+    assert find_user_error(WorkerGroupError("training failed", {0: TypeError("a bug")})) is None

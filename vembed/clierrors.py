@@ -84,16 +84,24 @@ def one_line(exc: BaseException) -> str:
 
 
 def find_user_error(exc: BaseException) -> BaseException | None:
-    """``exc`` itself when it is a user error, else the first user error it wraps (``__cause__``, Ray's
-    ``.cause``), so a bad record raised inside a Ray worker still reaches the user as itself."""
+    """``exc`` itself when it is a user error, else the first user error it wraps, so a bad record raised inside a
+    Ray worker still reaches the user as itself: ``__cause__``, Ray's ``.cause`` (task errors), and Ray Train's
+    ``worker_failures`` / ``controller_failure`` (a failed run). (Hook point: a shared Ray error-unwrapping
+    helper can replace the walk below.)"""
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
         seen.add(id(current))
         if isinstance(current, USER_ERROR_TYPES) and not _is_internal(current):
             return current
-        wrapped = getattr(current, "cause", None)
-        current = wrapped if isinstance(wrapped, BaseException) else current.__cause__
+        wrapped = [current.__cause__, getattr(current, "cause", None), getattr(current, "controller_failure", None)]
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            wrapped += list(failures.values())
+        pending += [w for w in wrapped if isinstance(w, BaseException)]
     return None
 
 
