@@ -174,5 +174,5 @@ def run_training(config: VEmbedConfig | Mapping[str, Any]) -> ray.train.Result:
     """
     trainer = build_trainer(config)
     result = trainer.fit()
-    logger.info("training finished: %s", result.metrics)
+    logger.debug("training finished: %s", result.metrics)  # the progress summary and the CLI show them
     return result
