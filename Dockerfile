@@ -1,7 +1,12 @@
 # The image every manifest in cluster/ runs: the official Ray image (same Ray version as the cluster) with vembed.
 #   docker build -t vembed:0.1.0 .          (tag: the version in pyproject.toml; push it to your registry)
-# The GPU flavour of the Ray image also runs CPU-only pods (the KubeRay head, CPU workers).
-FROM rayproject/ray:2.60.0-py311-gpu
+# The GPU flavour of the Ray image also runs CPU-only pods (the KubeRay head, CPU workers). The CUDA tag is explicit
+# (not the moving "-gpu" alias) and torch comes from the PyTorch index of the same CUDA, so pip never pulls a torch
+# built for another CUDA. Another CUDA: change both, e.g. -cu124 and TORCH_INDEX=.../whl/cu124. Plain
+# Dockerfile syntax only (no RUN --mount), so it builds with BuildKit and with the legacy builder alike.
+FROM rayproject/ray:2.60.0-py311-cu128
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
 # Entrypoints and configs live here; cluster manifests call them by absolute path.
 WORKDIR /home/ray/vembed
@@ -11,7 +16,8 @@ WORKDIR /home/ray/vembed
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users vembed ./vembed
 COPY --chown=ray:users configs ./configs
-RUN pip install --no-cache-dir -e . \
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
+    && pip install --no-cache-dir -e . \
     && python -c "from vembed.config import load_base_config; load_base_config(); import torch, transformers, peft"
 
 # Job entrypoints, called by absolute path from the manifests.

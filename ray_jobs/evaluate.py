@@ -8,17 +8,18 @@ The eval file's candidates and queries are embedded by Ray Data model actors (as
 those of ``vembed evaluate`` (see ``--help``); the job connects to the cluster it was submitted to.
 """
 
-import argparse
 import sys
 
+from vembed.clierrors import VembedArgumentParser, run_command
 from vembed.evaluation.cli import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ray_jobs/evaluate.py", description=__doc__.splitlines()[0])
+    parser = VembedArgumentParser(prog="ray_jobs/evaluate.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
     parser.set_defaults(ray=True)  # always embed with Ray Data here
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_command("ray_jobs/evaluate.py", lambda: run(args))  # a user error: one line on stderr, exit 2
 
 
 if __name__ == "__main__":

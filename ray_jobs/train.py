@@ -8,16 +8,17 @@ shared path or a pyarrow URI such as ``s3://bucket/runs``. Prints the final metr
 as JSON; exits 1 when training failed.
 """
 
-import argparse
 import sys
 
+from vembed.clierrors import VembedArgumentParser, run_command
 from vembed.training.cli import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ray_jobs/train.py", description="Fine-tune a vembed model on Ray Train")
+    parser = VembedArgumentParser(prog="ray_jobs/train.py", description="Fine-tune a vembed model on Ray Train")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_command("ray_jobs/train.py", lambda: run(args))  # a user error: one line on stderr, exit 2
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def _check_cluster_spec(spec: dict) -> None:
     assert isinstance(head["rayStartParams"], dict)
     (head_container,) = _check_pod(head["template"], claims)
     assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {}), "the head is CPU-only"
+    _check_shm(head["template"])
     assert {p["containerPort"] for p in head_container["ports"]} >= {6379, 8265}
 
     groups = spec["workerGroupSpecs"]
@@ -86,8 +87,19 @@ def _check_cluster_spec(spec: dict) -> None:
         assert group["groupName"] and isinstance(group["rayStartParams"], dict)
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         (container,) = _check_pod(group["template"], claims)
+        _check_shm(group["template"])
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         assert int(limits["nvidia.com/gpu"]) >= 1 and limits["nvidia.com/gpu"] == requests["nvidia.com/gpu"]
+
+
+def _check_shm(template: dict) -> None:
+    """Every Ray pod (head included: job drivers and the Serve proxy use the object store) mounts a memory-backed
+    /dev/shm instead of the container default of 64 MiB."""
+    (container,) = template["spec"]["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "/dev/shm" in mounts, container["name"]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mounts["/dev/shm"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
 
 
 def _entrypoint(doc: dict) -> list[str]:
@@ -167,6 +179,11 @@ def test_the_dockerfile_builds_the_image_the_manifests_name():
     text = (REPO / "Dockerfile").read_text()
     (base,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
     assert base.startswith(f"rayproject/ray:{_ray_version()}-"), "the image's Ray must match the cluster's"
+    cuda = re.search(r"-(cu\d+)$", base)
+    assert cuda, "an explicit CUDA tag, not the moving -gpu alias"
+    assert re.search(rf"TORCH_INDEX=https://download.pytorch.org/whl/{cuda.group(1)}\s", text), "torch of that CUDA"
+    assert re.search(r"pip install .*torch==\$\{TORCH_VERSION\}.*--index-url", text)
+    assert not re.search(r"^RUN\s+--mount", text, flags=re.M)  # builds without BuildKit too
     assert re.search(rf"^WORKDIR\s+{IMAGE_HOME}\s*$", text, flags=re.M)
     copied = set(re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)\s", text, flags=re.M))
     assert {"vembed", "configs", "ray_jobs", "pyproject.toml"} <= copied
@@ -179,6 +196,7 @@ def test_ray_up_config_has_what_the_launcher_needs():
     assert config["cluster_name"] and config["max_workers"] >= 1
     assert config["provider"]["type"] == "aws" and config["provider"]["region"]
     assert config["auth"]["ssh_user"] and config["docker"]["image"] == IMAGE
+    assert config["available_node_types"]["gpu_worker"]["node_config"]["ImageId"].startswith("ami-")
     types = config["available_node_types"]
     assert config["head_node_type"] in types
     workers = [t for name, t in types.items() if name != config["head_node_type"]]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModel
@@ -100,12 +103,9 @@ def test_lora_saves_reload_to_equal_embeddings(kind, merge, tmp_path, tiny_clip_
         []
         if merge
         else (
-            ["lora_adapter/adapter_model.safetensors"]
+            ["adapter_model.safetensors"]
             if kind == "clip"
-            else [
-                "image_encoder/lora_adapter/adapter_model.safetensors",
-                "text_encoder/lora_adapter/adapter_model.safetensors",
-            ]
+            else ["image_encoder/adapter_model.safetensors", "text_encoder/adapter_model.safetensors"]
         )
     )
     assert adapters == expected
@@ -132,14 +132,69 @@ def test_merged_save_is_a_plain_hf_model_with_the_adapter_folded_in(tmp_path, ti
     torch.testing.assert_close(hf.encoder.layer[0].attention.self.query.weight, expected.detach())
 
 
-def test_adapter_save_keeps_base_weights_unmerged(tmp_path, tiny_bert_dir):
-    model = EmbeddingModel.from_pretrained(tiny_bert_dir)
+def _cls_vectors(backbone: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Plain transformers: CLS token of the last hidden state, L2-normalised (what pooling_method=cls means)."""
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = backbone.eval()(**batch).last_hidden_state[:, 0]
+    return torch.nn.functional.normalize(hidden, dim=-1)
+
+
+def test_adapter_and_merged_checkpoints_reload_through_peft_and_plain_transformers(tmp_path, tiny_bert_dir):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from vembed.inference import VEmbedFactoryPredictor
+
+    model = EmbeddingModel.from_config({"model_name": str(tiny_bert_dir), "pooling_method": "cls"})
     apply_lora(model, LORA)
     _perturb_adapters(model)
-    saved = model.save_pretrained(tmp_path / "adapter", merge_lora=False)
-    original = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
-    hf = AutoModel.from_pretrained(saved).state_dict()
-    assert all(torch.equal(hf[key], value) for key, value in original.items())
+    adapter = model.save_pretrained(tmp_path / "adapter", merge_lora=False)
+    merged = model.save_pretrained(tmp_path / "merged", merge_lora=True)
+    texts = ["a red circle", "two blue squares on a green field"]
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+
+    # The adapter checkpoint is a PEFT adapter directory, not a model that loads as its base by mistake.
+    names = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    assert not names & {"config.json", "model.safetensors", "lora_adapter"}
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_path == str(Path(tiny_bert_dir).resolve())
+    via_peft = _cls_vectors(PeftModel.from_pretrained(AutoModel.from_pretrained(base_path), adapter), tokenizer, texts)
+    predictor = VEmbedFactoryPredictor(str(adapter))
+    torch.testing.assert_close(torch.as_tensor(predictor.encode_text(texts)), via_peft, atol=1e-5, rtol=1e-5)
+    base_vectors = _cls_vectors(AutoModel.from_pretrained(tiny_bert_dir), tokenizer, texts)
+    assert not torch.allclose(via_peft, base_vectors, atol=1e-3)  # the adapter matters
+    # transformers' own PEFT integration reads the directory as base + adapter too
+    torch.testing.assert_close(_cls_vectors(AutoModel.from_pretrained(adapter), tokenizer, texts), via_peft)
+
+    # The merged checkpoint is a plain HF model holding the merged weights.
+    assert not any(p.name.startswith("adapter_") for p in merged.iterdir())
+    via_automodel = _cls_vectors(AutoModel.from_pretrained(merged), tokenizer, texts)
+    torch.testing.assert_close(via_automodel, via_peft, atol=1e-5, rtol=1e-5)
+    merged_predictor = VEmbedFactoryPredictor(str(merged))
+    torch.testing.assert_close(
+        torch.as_tensor(merged_predictor.encode_text(texts)), via_automodel, atol=1e-5, rtol=1e-5
+    )
+
+    # Re-saving over an adapter checkpoint as merged (and back) leaves no stale files of the other layout.
+    model.save_pretrained(adapter, merge_lora=True)
+    assert not any(p.name.startswith("adapter_") for p in adapter.iterdir())
+    model.save_pretrained(merged, merge_lora=False)
+    assert not (merged / "model.safetensors").exists()
+
+
+def test_an_adapter_checkpoint_whose_base_is_gone_names_it(tmp_path, tiny_bert_dir):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bert_dir, base)
+    model = EmbeddingModel.from_pretrained(base)
+    apply_lora(model, LORA)
+    adapter = model.save_pretrained(tmp_path / "adapter", merge_lora=False)
+    shutil.rmtree(base)
+    with pytest.raises(FileNotFoundError, match=r"LoRA adapter checkpoint; its base model .*base is not available"):
+        EmbeddingModel.from_pretrained(adapter)
 
 
 def test_lora_errors_and_builder_switch(tiny_bert_dir):

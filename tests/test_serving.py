@@ -248,7 +248,7 @@ def test_openai_client_raises_its_own_errors(base_url):
     right_key = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError) as info:
         right_key.embeddings.create(model="text-embedding-3-small", input="a red circle")
-    assert info.value.code == "model_not_found"
+    assert info.value.code == "model_not_found" and info.value.type == "invalid_request_error"  # OpenAI's own
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -356,3 +356,43 @@ def test_64_concurrent_requests_each_get_their_own_answer(base_url, http, predic
     assert after["batches"] - before["batches"] < 64  # requests shared forward passes
     for i, got in enumerate(results):
         np.testing.assert_allclose(got, predictor.encode_text(texts[i], dimension=dims[i % 4]), atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# overload: past max_ongoing_requests + max_queued_requests a replica answers 503 in JSON and keeps serving
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_overload_of_one_replica_gets_json_503s_and_the_replica_keeps_serving(base_url, tiny_clip_dir, predictor):
+    from ray import serve
+
+    from vembed.serving.app import build_app
+
+    settings = {"model": str(tiny_clip_dir), "model_name": MODEL, "num_replicas": 1, "max_batch_size": 1}
+    settings |= {"max_ongoing_requests": 1, "max_queued_requests": 1, "batch_wait_ms": 0}
+    serve.run(build_app(settings), name="overload", route_prefix="/overload", blocking=False)
+    url = f"{base_url}/overload"
+    texts = [f"shape {i}: " + "a red circle beside a blue square " * 6 for i in range(64)]  # slow enough to queue
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            body = {"model": MODEL, "input": texts}
+            return await asyncio.gather(*(client.post("/v1/embeddings", json=body) for _ in range(32)))
+
+    try:
+        replica = httpx.get(f"{url}/health", timeout=60).json()["replica"]
+        responses = asyncio.run(burst())
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
+        for response in responses:
+            if response.status_code == 503:
+                error = response.json()["error"]
+                assert error["type"] == "server_error" and error["code"] == "server_overloaded", error
+                assert response.headers["retry-after"] == "1"
+        ok = httpx.post(f"{url}/embed/text", json={"texts": ["still serving"]}, timeout=60)
+        assert ok.status_code == 200
+        np.testing.assert_allclose(ok.json()["embeddings"], predictor.encode_text(["still serving"]), atol=ATOL)
+        assert httpx.get(f"{url}/health", timeout=60).json()["replica"] == replica  # not restarted
+    finally:
+        serve.delete("overload")

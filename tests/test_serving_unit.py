@@ -45,8 +45,11 @@ def _status(exc_info: pytest.ExceptionInfo) -> tuple[int, str | None]:
 
 def test_deployment_options_fixed_replicas_and_autoscaling():
     fixed = ServeArgs(model="m", num_replicas=3, max_batch_size=16)
+    # 32 working + 64 waiting are admitted; Ray delivers 8 more for the replica to refuse in JSON (503)
+    assert fixed.admitted_requests == 96
     assert fixed.deployment_options() == {
-        "max_ongoing_requests": 32,
+        "max_ongoing_requests": 104,
+        "max_queued_requests": 4 * 96 + 256,
         "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0},
         "num_replicas": 3,
     }
@@ -57,7 +60,7 @@ def test_deployment_options_fixed_replicas_and_autoscaling():
         "target_ongoing_requests": 32.0,
     }
     assert "num_replicas" not in auto.deployment_options()
-    assert auto.deployment_options()["max_ongoing_requests"] == 40
+    assert auto.deployment_options()["max_ongoing_requests"] == 40 + 64 + 10
     assert ServeArgs(model="/ckpt/run-7/").served_model_name == "run-7"
     assert ServeArgs(model="/ckpt/run-7", model_name="prod").served_model_name == "prod"
     assert ServeArgs(model="m", batch_wait_ms=25).batch_wait_timeout_s == pytest.approx(0.025)

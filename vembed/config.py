@@ -125,7 +125,8 @@ class VEmbedConfig:
     logging_steps: int
     eval_steps: int
     eval_batch_size: int
-    report_to: Literal["none", "tensorboard"]
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]]
+    push_to_hub: Optional[str]
     fail_at_step: Optional[int]
 
     # -- dict-style access, as the seed guide indexes configs like dicts --
@@ -283,6 +284,8 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _build(values: Mapping[str, Any], sources: Mapping[str, str]) -> VEmbedConfig:
     fields = _field_types()
+    if isinstance(values.get("report_to"), str):  # one tracker by name, or "none"
+        values = {**values, "report_to": [] if values["report_to"] == "none" else [values["report_to"]]}
     typed = {k: _coerce(k, values[k], fields[k], sources.get(k, "config")) for k in fields}
     if typed["mrl_weights"] and len(typed["mrl_weights"]) != len(typed["mrl_dims"]):
         raise ConfigError(

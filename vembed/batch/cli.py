@@ -7,6 +7,7 @@ import json
 
 from vembed.argtypes import non_negative_float, positive_int
 from vembed.batch.options import DTYPES, FORMATS, MODALITIES
+from vembed.clierrors import VembedArgumentParser, run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the job described by ``args``; prints the summary as JSON. Returns 0 (errors raise)."""
+    from vembed.modelpath import resolve_source
+
+    resolve_source(args.model)  # a missing model directory fails before torch, Ray and the corpus scan
     from vembed.batch.job import embed_corpus
 
     summary = embed_corpus(
@@ -93,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m vembed.batch.cli`` and ``ray_jobs/embed.py``."""
-    parser = argparse.ArgumentParser(prog="vembed embed", description="Embed an image folder or manifest to Parquet")
+    parser = VembedArgumentParser(prog="vembed embed", description="Embed an image folder or manifest to Parquet")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_command("vembed embed", lambda: run(args))
 
 
 if __name__ == "__main__":

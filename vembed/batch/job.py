@@ -32,6 +32,7 @@ from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset
 from vembed.batch.shards import Shard, ShardAssembler, plan_shards
 from vembed.batch.sources import Corpus, load_corpus
 from vembed.batch.writer import EMBEDDINGS_DIR, ERRORS_DIR, OutputStore, embeddings_table, errors_table
+from vembed.modelpath import resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def embed_corpus(
         the driver held), ``embedding_dim`` and ``output``.
     """
     _check_options(modality, batch_size, dtype, dim, format, num_actors, min_actors, max_actors)
+    resolve_source(model_path)  # a missing model directory fails here, before any Ray work
     started = time.time()
     corpus = load_corpus(input, modality, id_column, source_column, image_root)  # type: ignore[arg-type]
     shards = plan_shards(len(corpus), shard_size)

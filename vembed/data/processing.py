@@ -11,6 +11,7 @@ saved composed vembed model keeps them beside each backbone, in ``text_encoder/`
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,7 +69,13 @@ def load_image_processor(source: str | Path, trust_remote_code: bool = False) ->
 
 
 def _max_positions(source: str | Path, trust_remote_code: bool) -> int | None:
-    """The text tower's position-table size from the model config at ``source`` (None when unknown)."""
+    """The text tower's position-table size from the model config at ``source`` (None when unknown).
+
+    A LoRA adapter checkpoint has no config.json of its own: its base model's config is read.
+    """
+    adapter_config = Path(source) / "adapter_config.json"
+    if adapter_config.is_file() and not (Path(source) / "config.json").is_file():
+        source = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or source
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vembed.argtypes import json_mapping, positive_int
+from vembed.clierrors import VembedArgumentParser, run_command
 from vembed.data.records import RETRIEVAL_MODES
 
 if TYPE_CHECKING:
@@ -156,9 +157,10 @@ def _warn_unanswerable(metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m vembed.evaluation.cli``: the same as ``vembed evaluate``."""
-    parser = argparse.ArgumentParser(prog="vembed evaluate", description=__doc__.splitlines()[0])
+    parser = VembedArgumentParser(prog="vembed evaluate", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_command("vembed evaluate", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,18 @@ Layout of a saved model directory::
                                  ``transformers.AutoModel.from_pretrained(dir)`` loads it as is
     text_encoder/, image_encoder/
                                  composed family: one Hugging Face directory per backbone, each with its processor
-    [<backbone dir>/]lora_adapter/
-                                 LoRA saved as an adapter (``merge_lora=False``): PEFT adapter files beside the
-                                 unmerged base weights; the default merges LoRA into the weights instead
+    modules.json, 1_Pooling/, 2_Dense/, 3_Normalize/, config_sentence_transformers.json
+                                 text and composed families: the sentence-transformers layout of the text side
+                                 (:mod:`vembed.model.st_export`)
+    README.md                    the model card (base model, data, last evaluation, how to load it)
+    adapter_config.json, adapter_model.safetensors   (in the root or in each backbone directory)
+                                 LoRA saved as an adapter (``merge_lora=False``, ``lora_save_mode: adapter``): the
+                                 backbone directory is a PEFT adapter directory *instead of* a full model: no base
+                                 weights and no config.json beside it, so nothing can load it as the base model by
+                                 mistake. ``base_model_name_or_path`` (also in vembed.json's ``lora_base``) names
+                                 the base; ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), dir)`` and
+                                 ``AutoModel.from_pretrained(dir)`` (transformers' PEFT integration) both give the
+                                 adapted backbone. The default (merged) writes the merged weights instead.
 
 Loading reads safetensors only (``use_safetensors=True``; nothing is unpickled) and never enables remote code on
 its own. The live model is not modified by saving (LoRA merging works on a CPU copy of the weights).
@@ -35,7 +44,8 @@ from vembed.data.processing import load_image_processor, load_tokenizer
 from vembed.model.families import EncoderFamily, get_family
 from vembed.model.heads import build_heads
 from vembed.model.hf import unwrap
-from vembed.model.lora import is_lora, load_adapter, plain_state_dict
+from vembed.model.lora import adapter_base, is_lora, load_adapter, plain_state_dict, save_adapter
+from vembed.model.st_export import write_model_card, write_sentence_transformers_layout
 
 if TYPE_CHECKING:
     from vembed.model.embedding_model import EmbeddingModel
@@ -43,7 +53,9 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 SPEC_FILE = "vembed.json"
 HEADS_FILE = "heads.safetensors"
-ADAPTER_DIR = "lora_adapter"
+ADAPTER_DIR = "lora_adapter"  # the layout before adapter saves replaced the backbone directory (still read)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+BASE_WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 #: which tokens are a multi-vector item's vectors (``vembed.json`` ``vector_tokens``, decided once at save):
 #: ``non_padding`` = every token the attention mask keeps, special tokens included (ColBERT-style encoders)
 VECTOR_TOKENS: tuple[str, ...] = ("non_padding",)
@@ -62,6 +74,7 @@ class ModelSpec:
     embedding_dim: int
     heads: dict[str, dict[str, int]] = field(default_factory=dict)  # modality -> {"in": ..., "out": ...}
     lora: dict[str, str] = field(default_factory=dict)  # backbone attribute -> adapter dir (adapter saves only)
+    lora_base: dict[str, str] = field(default_factory=dict)  # backbone attribute -> base model (adapter saves only)
     family_info: dict[str, Any] = field(default_factory=dict)
     vector_tokens: str | None = None  # multi-vector models: one of VECTOR_TOKENS; None for single-vector
     format_version: int = FORMAT_VERSION
@@ -142,16 +155,21 @@ def save_model(model: EmbeddingModel, directory: str | Path, merge_lora: bool = 
     family = model.encoder
     reshaped = family.describe().get("reshaped_parameters", {})
     adapters: dict[str, str] = {}
+    bases: dict[str, str] = {}
     for attr, backbone in family.backbones().items():
         target = directory / family.backbone_dirs[attr]
         target.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target / ADAPTER_DIR, ignore_errors=True)
         _save_processors(family.sources[attr], target, _backbone_modalities(family, attr))
+        if is_lora(backbone) and not merge_lora:
+            bases[attr] = _absolute_source(family.sources[attr])
+            _remove(target, (*BASE_WEIGHT_FILES, *_shards(target)))
+            save_adapter(backbone, target, bases[attr])
+            adapters[attr] = family.backbone_dirs[attr]
+            continue
+        _remove(target, ADAPTER_FILES)
         state = _restore_shapes(plain_state_dict(backbone, merge=merge_lora), reshaped)
         unwrap(backbone).save_pretrained(str(target), state_dict=state)
-        if is_lora(backbone) and not merge_lora:
-            backbone.save_pretrained(str(target / ADAPTER_DIR))
-            adapters[attr] = str(Path(family.backbone_dirs[attr]) / ADAPTER_DIR)
     heads_path = directory / HEADS_FILE
     heads_path.unlink(missing_ok=True)
     if len(model.heads):
@@ -159,8 +177,25 @@ def save_model(model: EmbeddingModel, directory: str | Path, merge_lora: bool = 
         save_file(tensors, str(heads_path), metadata={"format": "pt"})
     spec = model.spec()
     spec.lora = adapters
+    spec.lora_base = bases
     (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    has_st = write_sentence_transformers_layout(model, directory)  # text / composed: readable by ST, TEI, ...
+    write_model_card(directory, asdict(spec), {**family.sources, **bases}, sentence_transformers=has_st)
     return directory
+
+
+def _absolute_source(source: str) -> str:
+    """A local base model as an absolute path (a relative one would break when the checkpoint is read elsewhere)."""
+    return str(Path(source).resolve()) if Path(source).is_dir() else source
+
+
+def _shards(directory: Path) -> list[str]:
+    return [p.name for p in directory.glob("model-*-of-*.safetensors")]
+
+
+def _remove(directory: Path, names: tuple[str, ...] | list[str]) -> None:
+    for name in names:
+        (directory / name).unlink(missing_ok=True)
 
 
 def load_family(
@@ -170,6 +205,8 @@ def load_family(
     directory = Path(directory)
     family_cls = get_family(spec.family)
     sources = {attr: str(directory / sub) for attr, sub in family_cls.backbone_dirs.items()}
+    for attr, base in spec.lora_base.items():  # an adapter directory holds no base weights: load them from the base
+        sources[attr] = adapter_base(directory, base)
     family = family_cls.load(sources, pooling=pooling, dtype=dtype, trust_remote_code=trust_remote_code)
     for attr, adapter_dir in spec.lora.items():
         family.set_backbone(attr, load_adapter(family.backbones()[attr], str(directory / adapter_dir)))

@@ -8,7 +8,6 @@ missing local path into a ``FileNotFoundError`` that names it instead of a confu
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,35 +15,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-# "org/name" or "name": what a Hugging Face hub id can look like (a local path that does not exist cannot).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+from vembed.modelpath import is_local, resolve_source  # noqa: F401 - re-exported: the model code imports them here
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_source(path_or_id: str | Path) -> str:
-    """Return an existing local directory (as a string) or a plausible hub id; otherwise raise.
-
-    Raises:
-        FileNotFoundError: a path that does not exist (absolute, relative with ``./``, ``~``, or any string that cannot
-            be a hub id), or an existing file where a directory is expected.
-    """
-    text = str(path_or_id)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists():
-        raise FileNotFoundError(f"model path {path} is a file; expected a model directory (config.json + weights)")
-    if _HUB_ID.match(text) and not text.startswith((".", "~")):
-        return text
-    raise FileNotFoundError(
-        f"model path not found: {path} (no such directory, and it is not a Hugging Face hub id like 'org/name')"
-    )
-
-
-def is_local(source: str) -> bool:
-    """True when ``source`` is an existing local directory (not a hub id)."""
-    return Path(source).is_dir()
 
 
 def load_hf_config(source: str, trust_remote_code: bool = False) -> PretrainedConfig:

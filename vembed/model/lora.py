@@ -9,13 +9,15 @@ Default target modules are the attention projections, chosen from the module nam
 from its id): CLIP/SigLIP ``q_proj,k_proj,v_proj,out_proj``; Llama/Qwen-style ``q_proj,k_proj,v_proj,o_proj``;
 BERT/ViT/DINOv2 ``query,key,value``.
 
-Saving (:mod:`vembed.model.checkpoint`) asks :func:`plain_state_dict` for the backbone's weights as plain
-``transformers`` keys, either merged (``W + scale * B @ A``, the default) or unmerged next to a PEFT adapter
-directory; neither modifies the live (possibly still training) model.
+Saving (:mod:`vembed.model.checkpoint`) either asks :func:`plain_state_dict` for the merged backbone weights as plain
+``transformers`` keys (``W + scale * B @ A``, the default), or writes the backbone as a PEFT adapter directory
+(:func:`save_adapter`: the adapter alone, naming its base model); neither modifies the live (possibly still
+training) model.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,6 +106,28 @@ def load_adapter(backbone: nn.Module, adapter_dir: str, trainable: bool = True) 
     if not weights.is_file():
         raise FileNotFoundError(f"LoRA adapter weights not found: {weights} (vembed saves and loads safetensors only)")
     return PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
+
+
+def save_adapter(backbone: PeftModel, directory: str | Path, base: str) -> None:
+    """Write ``backbone``'s adapter as a PEFT adapter directory whose ``base_model_name_or_path`` is ``base``."""
+    backbone.save_pretrained(str(directory))
+    config_path = Path(directory) / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def adapter_base(directory: str | Path, base: str) -> str:
+    """The base model an adapter checkpoint at ``directory`` needs, checked to exist (a clear error otherwise)."""
+    from vembed.modelpath import resolve_source
+
+    try:
+        return resolve_source(base)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{directory} is a LoRA adapter checkpoint; its base model {base} is not available ({exc}). Make the "
+            "base reachable at that path, or save the model with lora_save_mode: merged for a self-contained one"
+        ) from exc
 
 
 def plain_state_dict(backbone: nn.Module, merge: bool = True) -> dict[str, torch.Tensor]:

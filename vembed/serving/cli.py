@@ -63,6 +63,9 @@ def serve_args_from(args: argparse.Namespace) -> ServeArgs:
 def run(args: argparse.Namespace) -> int:
     """Start (or join) Ray, start Serve on ``--host:--port`` and deploy the model; serve until Ctrl-C."""
     settings = serve_args_from(args)
+    from vembed.modelpath import resolve_source
+
+    resolve_source(settings.model)  # a missing model directory fails here, before Ray starts
     import ray
     from ray import serve
 

@@ -23,7 +23,7 @@ ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
-    404: "not_found_error",
+    404: "invalid_request_error",  # OpenAI: an unknown model is invalid_request_error / model_not_found
     405: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",

@@ -22,6 +22,7 @@ from ray import serve
 from vembed.inference import Embedded, VEmbedFactoryPredictor
 from vembed.serving.errors import APIError
 from vembed.serving.limits import item_param
+from vembed.serving.metrics import BatchMetrics
 from vembed.serving.schemas import BatchStats
 from vembed.serving.settings import ServeArgs
 
@@ -45,6 +46,7 @@ class EmbeddingService:
         self.model_name = args.served_model_name
         self.created = int(time.time())
         self.batch_stats = {"text": BatchStats(), "image": BatchStats()}
+        self.batch_metrics = BatchMetrics()  # the same counters as Ray Serve metrics
         for batch_fn in (self._text_batch, self._image_batch):
             batch_fn.set_max_batch_size(args.max_batch_size)
             batch_fn.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
@@ -141,10 +143,12 @@ class EmbeddingService:
     # The decorator's sizes are placeholders: __init__ sets max_batch_size and the wait from ServeArgs.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _text_batch(self, items: list[tuple[str, Optional[int]]]) -> list[np.ndarray]:
+        self.batch_metrics.record("text", len(items))
         return await self._run_grouped(items, self.predictor.encode_text, self.batch_stats["text"])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _image_batch(self, items: list[tuple[Image.Image, Optional[int]]]) -> list[np.ndarray]:
+        self.batch_metrics.record("image", len(items))
         return await self._run_grouped(items, self.predictor.encode_image, self.batch_stats["image"])
 
     @staticmethod

@@ -38,6 +38,9 @@ class ServeArgs(BaseModel):
     max_ongoing_requests: Optional[int] = Field(
         None, ge=1, description="requests one replica accepts at once (default: 2 x max_batch_size)"
     )
+    max_queued_requests: int = Field(
+        64, ge=0, description="requests that may wait per replica beyond max_ongoing_requests; more get 503"
+    )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
 
@@ -111,10 +114,22 @@ class ServeArgs(BaseModel):
     def ongoing_requests_limit(self) -> int:
         return self.max_ongoing_requests or 2 * self.max_batch_size
 
+    @property
+    def admitted_requests(self) -> int:
+        """Requests one replica holds at once (working + waiting); more get 503 (vembed.serving.overload)."""
+        return self.ongoing_requests_limit + self.max_queued_requests
+
     def deployment_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``: replicas or autoscaling, concurrency, resources."""
+        """Keyword arguments for ``Deployment.options``: replicas or autoscaling, concurrency, resources.
+
+        Ray Serve delivers up to ``admitted_requests`` plus a few more to a replica, which refuses the excess at once
+        with a JSON 503 (so the excess waits in front of the replica only as long as a refusal takes). Ray's own
+        ``max_queued_requests`` is a generous backstop for bursts faster than the refusals (its answer past that
+        is a plain-text 503 from the Serve proxy).
+        """
         options: dict[str, Any] = {
-            "max_ongoing_requests": self.ongoing_requests_limit,
+            "max_ongoing_requests": self.admitted_requests + max(4, self.ongoing_requests_limit // 4),
+            "max_queued_requests": 4 * self.admitted_requests + 256,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
         if self.autoscaling:

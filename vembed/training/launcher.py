@@ -21,6 +21,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from vembed.config import ConfigError, VEmbedConfig, as_config
+from vembed.training.preflight import check_sources
 from vembed.training.worker import make_loop_config, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any]:
 def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
     """A ready ``TorchTrainer`` for ``config`` (connects to Ray and checks the cluster first)."""
     cfg = resolve_run_paths(as_config(config))
+    check_sources(cfg)
     ensure_ray(cfg)
     use_gpu = wants_gpu(cfg)
     cfg = cfg.replace(use_gpu=use_gpu)  # workers see the decision, not "auto"
@@ -172,5 +174,5 @@ def run_training(config: VEmbedConfig | Mapping[str, Any]) -> ray.train.Result:
     """
     trainer = build_trainer(config)
     result = trainer.fit()
-    logger.info("training finished: %s", result.metrics)
+    logger.debug("training finished: %s", result.metrics)  # the progress summary and the CLI show them
     return result

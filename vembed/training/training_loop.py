@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.losses.distributed import all_gather_with_grad
+from vembed.model.st_export import push_to_hub, update_model_card
 from vembed.training.checkpointing import (
     TrainingProgress,
     load_training_state,
@@ -53,6 +54,8 @@ from vembed.training.distributed import (
     unwrap_model,
 )
 from vembed.training.grad_cache import GradCache
+from vembed.training.progress import ProgressPrinter
+from vembed.training.tracking import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +118,8 @@ class Trainer:
         model_factory: builds an unsharded model of the same architecture (FSDP user checkpoints).
         run_info: constant values added to every metrics report (e.g. worker node ids).
         bad_records: returns the number of records skipped as unreadable so far (reported as metric).
+        steps_per_epoch: optimizer steps per epoch, for the progress lines' ``step s/S`` and ETA (default:
+            from ``len(dataloader)`` when it has one).
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class Trainer:
         model_factory: Callable[[], nn.Module] | None = None,
         run_info: Mapping[str, Any] | None = None,
         bad_records: Callable[[], int] | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
         self.config = as_config(config)
         cfg = self.config
@@ -160,6 +166,7 @@ class Trainer:
         self.model_factory = model_factory
         self.run_info = dict(run_info or {})
         self.bad_records = bad_records
+        self.steps_per_epoch = steps_per_epoch or _steps_from_len(dataloader, cfg.gradient_accumulation_steps)
         self.output_dir = Path(cfg.output_dir)
         self.in_ray = in_ray_train_worker()
         self.rank, self.world_size = distributed_world()
@@ -173,7 +180,8 @@ class Trainer:
         self._unsynced_params = [p for p in self._params if id(p) not in model_params]
         self._grad_cache = GradCache(model, self._loss, cfg.grad_cache_chunk_size) if cfg.grad_cache else None
         self._window = _MetricWindow()
-        self._tensorboard = self._open_tensorboard()
+        self._trackers = Trackers(cfg.report_to, self.output_dir, cfg.to_dict(), rank=self.rank)
+        self._printer: ProgressPrinter | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def _prepare_with_accelerator(self, model, optimizer, dataloader, val_dataloader):
@@ -201,17 +209,6 @@ class Trainer:
 
         teacher = build_model(cfg.replace(model_name=cfg.teacher_model_name, use_lora=False, torch_compile=False))
         return teacher.requires_grad_(False).eval().to(self.device)
-
-    def _open_tensorboard(self) -> Any | None:
-        if self.config.report_to != "tensorboard" or self.rank != 0:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise ImportError(
-                "report_to: tensorboard needs the tensorboard package: pip install 'vembed[tensorboard]'"
-            ) from exc
-        return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
 
     # -- the step ---------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -286,6 +283,9 @@ class Trainer:
         cfg = self.config
         if self.rank == 0:
             cfg.save(self.output_dir / RESOLVED_CONFIG_FILE)
+        self._printer = ProgressPrinter(
+            cfg.epochs, self.steps_per_epoch, start_step=self.progress.step, enabled=self.rank == 0
+        )
         self.model.train()
         for epoch in range(self.progress.epoch, cfg.epochs):
             self._run_epoch(epoch)
@@ -293,10 +293,17 @@ class Trainer:
             metrics = self._metrics(epoch)
             if self.val_dataloader is not None and cfg.eval_steps == 0:
                 metrics.update(self.evaluate())
-            save_user_checkpoint(self.model, self.output_dir / f"checkpoint-epoch-{epoch + 1}", cfg, self.model_factory)
+            checkpoint = save_user_checkpoint(
+                self.model, self.output_dir / f"checkpoint-epoch-{epoch + 1}", cfg, self.model_factory
+            )
+            if self.rank == 0:
+                update_model_card(checkpoint, cfg, metrics)  # base model, data and this epoch's metrics
             self._report(metrics, with_checkpoint=True)
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        self._trackers.close()
+        if cfg.push_to_hub and self.rank == 0 and cfg.epochs > 0:
+            url = push_to_hub(self.output_dir / f"checkpoint-epoch-{cfg.epochs}", cfg.push_to_hub)
+            logger.info("pushed the last checkpoint to %s", url)
+        self._printer.close(self.history)
         return self.history[-1] if self.history else {}
 
     def _run_epoch(self, epoch: int) -> None:
@@ -329,6 +336,8 @@ class Trainer:
     def _after_step(self, epoch: int) -> None:
         cfg, step = self.config, self.progress.step
         self._maybe_fail(step)
+        if self._printer is not None:
+            self._printer.tick(step)
         metrics: dict[str, Any] = {}
         if cfg.logging_steps > 0 and step % cfg.logging_steps == 0:
             metrics = self._metrics(epoch)
@@ -415,16 +424,12 @@ class Trainer:
     def _report(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
         """Hand metrics to Ray Train (with a resume checkpoint when asked), accelerate or the log."""
         self.history.append(metrics)
-        if self._tensorboard is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(f"train/{key}", value, self.progress.step)
+        if self._printer is not None:
+            self._printer.report(metrics)  # the readable line (rank 0); the full dict goes to the debug log
+        logger.debug(_format(metrics))
+        self._trackers.log(metrics, self.progress.step)  # report_to: tensorboard / wandb / mlflow (rank 0)
         if self.in_ray:
             self._report_to_ray(metrics, with_checkpoint)
-        elif self.accelerator is not None:
-            self.accelerator.print(_format(metrics))
-        elif self.rank == 0:
-            logger.info(_format(metrics))
 
     def _report_to_ray(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
         import ray.train
@@ -486,6 +491,15 @@ class _MetricWindow:
             self._last = (float(self._loss_sum) / self._batches, self._samples / elapsed)
         self._reset()
         return self._last
+
+
+def _steps_from_len(dataloader: Any, accumulation: int) -> int | None:
+    """Optimizer steps per epoch of a dataloader with a length (None without one)."""
+    try:
+        batches = len(dataloader)
+    except TypeError:
+        return None
+    return -(-batches // accumulation) if batches else None
 
 
 def _model_device(model: nn.Module) -> torch.device:

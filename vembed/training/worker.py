@@ -26,6 +26,7 @@ from vembed.config import VEmbedConfig, as_config
 from vembed.training.checkpointing import TrainingProgress
 from vembed.training.distributed import distributed_world, select_device, wrap_model
 from vembed.training.optimizer_builder import build_optimizer, build_scheduler
+from vembed.training.progress import quiet_ray_train_reports
 from vembed.training.training_loop import Trainer
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         )
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
+    quiet_ray_train_reports()  # vembed prints its own progress lines (vembed.training.progress)
     rank, world = distributed_world()
     device = select_device(cfg)
 
@@ -202,6 +204,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         model_factory=lambda: build_training_model(cfg),
         run_info={"worker_node_ids": nodes, "num_nodes": len(set(nodes))},
         bad_records=bad_records.total if bad_records is not None else None,
+        steps_per_epoch=steps_per_epoch,
     )
     _restore(trainer)
     trainer.train()
