@@ -238,6 +238,34 @@ def test_seed_guide_custom_loop_with_a_real_accelerator(tiny_clip_dir, shapes_sm
     assert (tmp_path / "out" / "checkpoint-epoch-1" / "vembed.json").is_file()
 
 
+def test_fsdp_through_accelerate_is_refused_at_construction_pointing_to_ray_train(tiny_clip_dir, tmp_path):
+    # The guide's Example 3 prepared a model accelerate had wrapped with FSDP, trained it and failed at the first
+    # save on its DTensor weights. The Trainer now refuses such a model up front and says where FSDP works.
+    accelerate = pytest.importorskip("accelerate")
+    import torch.distributed as dist
+
+    from vembed.training.distributed import is_sharded, wrap_model
+
+    cfg = _config(tiny_clip_dir, tmp_path, strategy="fsdp")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = wrap_model(build_model(cfg), cfg, torch.device("cpu"))  # a real FSDP2-sharded model
+        assert is_sharded(model)
+        with pytest.raises(
+            ValueError, match=r"does not support FSDP through accelerate.*under Ray Train.*strategy: fsdp"
+        ):
+            Trainer(
+                model,
+                build_optimizer(model, cfg),
+                [],
+                LossFactory.create(cfg),
+                accelerator=accelerate.Accelerator(cpu=True),
+                config=cfg,
+            )
+    finally:
+        dist.destroy_process_group()
+
+
 def test_resume_state_continues_exactly_where_it_stopped(tiny_clip_dir, shapes_small, tmp_path):
     batches = _collated(shapes_small["train"], tiny_clip_dir, batch_size=8)
 

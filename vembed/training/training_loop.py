@@ -146,6 +146,7 @@ class Trainer:
             )
         self.accelerator = accelerator
         if accelerator is not None:
+            _refuse_accelerate_fsdp(accelerator, model)
             model, optimizer, dataloader, val_dataloader = self._prepare_with_accelerator(
                 model, optimizer, dataloader, val_dataloader
             )
@@ -486,6 +487,22 @@ class _MetricWindow:
             self._last = (float(self._loss_sum) / self._batches, self._samples / elapsed)
         self._reset()
         return self._last
+
+
+def _refuse_accelerate_fsdp(accelerator: Any, model: nn.Module) -> None:
+    """FSDP through ``accelerate`` is not supported: its FSDP-wrapped / ``DTensor`` weights cannot be saved as a
+    vembed checkpoint here, so the run would train and then fail at its first save. vembed's FSDP2 path (sharded
+    resume checkpoints, gathered user checkpoints) runs under Ray Train."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = isinstance(model, FullyShardedDataParallel) or is_sharded(model)
+    if getattr(accelerator, "distributed_type", None) == "FSDP" or wrapped:  # DistributedType is a str enum
+        raise ValueError(
+            "Trainer does not support FSDP through accelerate.Accelerator (its sharded weights cannot be saved "
+            "as a vembed checkpoint). Train with FSDP under Ray Train instead: set strategy: fsdp and run "
+            "`vembed train cfg.yaml --config_override strategy=fsdp num_workers=N` or "
+            "VEmbedFactoryTrainer(..., strategy='fsdp', num_workers=N); or use the Accelerator without FSDP (DDP)"
+        )
 
 
 def _model_device(model: nn.Module) -> torch.device:
