@@ -24,9 +24,10 @@ Every random choice is seeded by (seed, epoch) and nothing by how many times the
 resumed at epoch N (a new driver, or Train workers restarted after a failure) sees the same batches as an
 uninterrupted one. The data set cannot know which epoch a Train worker is in -- Ray Train executes it once per
 epoch, counting from 0 again after every restart -- so the workers tell it: :func:`iter_train_batches` sets the
-run's :class:`EpochClock` before it starts an epoch, and every rank sets the same epoch before Ray Data's
-``streaming_split`` starts that epoch's execution (it waits for all ranks). Ray Train replaces a dataset's execution options
-with its own, so pass ``DataConfig(execution_options=train_ingest_options())`` to keep the order fixed under Train.
+run's :class:`EpochClock` before it starts an epoch, and every rank has set the same epoch before Ray Data's
+``streaming_split`` starts that epoch's execution (it waits for all ranks). Ray Train replaces a dataset's
+execution options with its own, so pass ``DataConfig(execution_options=train_ingest_options())`` to keep the order
+fixed under Train.
 A data set stored sorted (by class, say) in one file is only shuffled within windows: write it shuffled, or as
 many files.
 """
