@@ -123,3 +123,11 @@ def test_missing_config_file_and_bad_override():
         load_and_parse_config(["nope.yaml"])
     with pytest.raises(ConfigError, match="key=value"):
         load_and_parse_config(["--config_override", "epochs"])
+
+
+def test_fsdp_with_fp16_is_refused_at_validation_pointing_to_bf16():
+    # FSDP2 runs without a GradScaler: fp16 gradients would silently underflow, so the combination is refused.
+    with pytest.raises(ConfigError, match=r"strategy: fsdp with mixed_precision: fp16.*use mixed_precision: bf16"):
+        as_config({"strategy": "fsdp", "mixed_precision": "fp16"})
+    assert as_config({"strategy": "fsdp", "mixed_precision": "bf16"}).mixed_precision == "bf16"
+    assert as_config({"strategy": "ddp", "mixed_precision": "fp16"}).mixed_precision == "fp16"

@@ -89,6 +89,72 @@ def test_equal_batches_bad_records_counted_and_seeded_epoch_order(ray_local, t2i
     assert counter.total() == 3 * num_bad  # every epoch re-reads, and re-counts, the bad records
 
 
+@pytest.fixture(scope="module")
+def t2t_files(tmp_path_factory) -> Path:
+    """4 JSONL files of 12 text-only (t2t) records each, ids ``f{file}-{line}``: cheap to preprocess."""
+    root = tmp_path_factory.mktemp("pipeline_t2t")
+    for f in range(4):
+        records = [
+            {"id": f"f{f}-{i}", "query": f"a red circle {f} {i}", "positive": f"blue square {i} {f}"} for i in range(12)
+        ]
+        write_jsonl(root / f"part{f}.jsonl", records)
+    return root
+
+
+@pytest.mark.ray
+def test_every_epoch_reshuffles_files_windows_and_rows_and_a_resumed_run_sees_the_same_order(
+    ray_local, t2t_files, clip_pre
+):
+    from vembed.data.pipeline import EpochClock, read_record_dataset
+
+    cfg = {"retrieval_mode": "t2t", "shuffle": True, "shuffle_seed": 3}
+
+    def record_ids(clock, epoch):
+        clock.set(epoch)
+        ds = read_record_dataset(t2t_files, cfg, clock)
+        ds.context.execution_options.preserve_order = True
+        return [row["id"] for row in ds.iter_rows()]
+
+    clock = EpochClock()
+    ids0, ids1, ids0_again = record_ids(clock, 0), record_ids(clock, 1), record_ids(clock, 0)
+    assert sorted(ids0) == sorted(ids1) and len(ids0) == 48
+    assert ids0_again == ids0  # (seed, epoch) fixes the order
+    assert record_ids(EpochClock(), 1) == ids1  # a new driver resuming at epoch 1 reads epoch 1's order
+
+    def file_order(ids):
+        return list(dict.fromkeys(i.split("-")[0] for i in ids))
+
+    def in_file_order(ids, f):
+        return [i for i in ids if i.startswith(f"{f}-")]
+
+    assert file_order(ids0) != file_order(ids1), "file level: each epoch reads the files in another order"
+    assert all(in_file_order(ids0, f) != in_file_order(ids1, f) for f in ("f0", "f1", "f2", "f3")), "window level"
+
+    def epoch_rows(ds, clock, epoch):
+        """Each batch's rows as their real query tokens."""
+        batches = iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=epoch, epoch_clock=clock)
+        return [
+            [
+                tuple(ids[m.bool()].tolist())
+                for ids, m in zip(b["query_input_ids"], b["query_attention_mask"], strict=True)
+            ]
+            for b in batches
+        ]
+
+    def pairs(batches):
+        return {(a, b) for rows in batches for a in rows for b in rows if a < b}
+
+    train_clock = EpochClock()
+    ds = build_train_dataset(t2t_files, clip_pre, cfg, epoch_clock=train_clock)
+    rows0, rows1 = epoch_rows(ds, train_clock, 0), epoch_rows(ds, train_clock, 1)
+    assert len(pairs(rows0)) == 12 * 6  # 12 batches of 4 distinct rows: 6 pairs each
+    shared = pairs(rows0) & pairs(rows1)
+    assert len(shared) < len(pairs(rows0)) // 4, "row level: in-batch negatives change from epoch to epoch"
+    resumed_clock = EpochClock()
+    resumed = build_train_dataset(t2t_files, clip_pre, cfg, epoch_clock=resumed_clock)
+    assert epoch_rows(resumed, resumed_clock, 1) == rows1  # a resumed run continues with epoch 1's exact batches
+
+
 @pytest.mark.ray
 def test_rows_are_exactly_what_build_batch_makes(ray_local, tmp_path, clip_pre):
     """Without shuffling, pipeline batch i == build_batch(records of batch i): one preprocessing path."""

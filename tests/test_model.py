@@ -257,6 +257,34 @@ def test_logit_scale_is_fsdp2_ready_and_frozen(tiny_clip_dir):
     assert model.no_split_module_classes() == ["CLIPEncoderLayer", "CLIPTextEmbeddings", "CLIPVisionEmbeddings"]
 
 
+@pytest.mark.parametrize("kind", ["clip", "composed"])
+@pytest.mark.parametrize("mode", ["t2t", "i2i"])
+def test_single_tower_modes_freeze_exactly_the_parameters_they_never_use(
+    kind, mode, tiny_clip_dir, composed_config, images
+):
+    # DDP's condition, checked without DDP: after freeze_unused_towers every trainable parameter gets a gradient
+    # from a real backward in that mode, and the mode's own tower is still trainable.
+    from vembed.training.distributed import freeze_unused_towers
+
+    model = EmbeddingModel.from_config(composed_config if kind == "composed" else {"model_name": str(tiny_clip_dir)})
+    assert freeze_unused_towers(model, mode)
+    source = {"t2t": "text_model_name", "i2i": "image_model_name"}[mode]
+    inputs = _inputs(composed_config[source] if kind == "composed" else tiny_clip_dir, images)
+    if mode == "t2t":
+        batch = {f"{role}_{k}": inputs[k] for role in ("query", "positive") for k in ("input_ids", "attention_mask")}
+    else:
+        batch = {f"{role}_pixel_values": inputs["pixel_values"] for role in ("query", "positive")}
+    out = model(**batch)
+    (out["query"] @ out["positive"].T).sum().backward()
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    unused_tower = {("clip", "t2t"): "vision_model", ("clip", "i2i"): "text_model"}.get((kind, mode))
+    unused_tower = unused_tower or ("image_encoder" if mode == "t2t" else "text_encoder")
+    assert any(unused_tower in n for n in frozen) and not any(unused_tower in n for n in trainable)
+
+
 @pytest.mark.parametrize("kind", ["clip", "siglip-mean", "composed"])
 def test_every_trainable_parameter_gets_a_gradient(kind, tiny_clip_dir, tiny_siglip_dir, composed_config, images):
     """Unused parameters (HF poolers, logit scale, SigLIP's head under explicit pooling) are frozen, so DDP can run

@@ -3,8 +3,10 @@
 - A run stopped after epoch 1 and started again with the same storage path and run name continues at epoch 2 and
   ends with the weights of an uninterrupted run (same seed; the uninterrupted reference runs in this process).
 - A worker that kills itself mid-epoch (``fail_at_step``) is replaced; the run resumes from the last checkpoint
-  (mid-epoch: the data position is restored) and finishes with the right step count; a record whose image is
-  missing is skipped and counted.
+  (mid-epoch: the data position is restored) and finishes with the right step count and the weights of the same
+  run left uninterrupted -- with shuffling and LoRA dropout on, so the data order of every epoch and the dropout
+  masks after the restart must be those of the uninterrupted run; a record whose image is missing is skipped and
+  counted.
 """
 
 from __future__ import annotations
@@ -92,22 +94,27 @@ def test_rerun_with_the_same_name_resumes_at_epoch_2_and_matches_an_uninterrupte
     assert max(float((expected[k] - got[k]).abs().max()) for k in expected) < 1e-5
 
 
-def test_a_killed_worker_is_replaced_and_the_run_completes(ray_local, tiny_clip_dir, tmp_path):
+def test_a_killed_worker_is_replaced_and_the_run_continues_as_if_uninterrupted(ray_local, tiny_clip_dir, tmp_path):
     data = make_shapes_dataset(tmp_path / "data", num_train=32, num_val=0, num_test=0, seed=6)
     records = [json.loads(line) for line in data["train"].read_text().splitlines()]
     records[7]["positive"] = str(tmp_path / "missing.jpg")  # skipped and counted (on_bad_record: skip)
     data["train"].write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    cfg = _config(
-        tiny_clip_dir,
-        data["train"],
-        tmp_path / "out",
-        epochs=2,
-        num_workers=2,
-        save_steps=2,
-        fail_at_step=3,
-        max_failures=1,
-    )
+    def config(out, **overrides):
+        return _config(
+            tiny_clip_dir,
+            data["train"],
+            out,
+            epochs=2,
+            num_workers=2,
+            save_steps=2,
+            shuffle=True,
+            use_lora=True,
+            lora_dropout=0.5,
+            **overrides,
+        )
+
+    cfg = config(tmp_path / "out", fail_at_step=3, max_failures=1)
     result = run_training(cfg)
 
     assert result.error is None
@@ -117,3 +124,12 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_local, tiny_clip_
     markers = list((tmp_path / "out" / "ray_results").rglob(".fail_at_step_3.done"))
     assert markers, "the worker must really have been killed once"
     assert (tmp_path / "out" / "checkpoint-step-2").is_dir() and (tmp_path / "out" / "checkpoint-epoch-2").is_dir()
+
+    uninterrupted = run_training(config(tmp_path / "uninterrupted", max_failures=0))
+    assert uninterrupted.error is None and uninterrupted.metrics["step"] == 6
+    expected = EmbeddingModel.from_pretrained(tmp_path / "uninterrupted" / "checkpoint-epoch-2").state_dict()
+    got = EmbeddingModel.from_pretrained(tmp_path / "out" / "checkpoint-epoch-2").state_dict()
+    start = EmbeddingModel.from_pretrained(tiny_clip_dir).state_dict()
+    assert max(float((expected[k] - start[k]).abs().max()) for k in expected) > 1e-3
+    worst = max(float((expected[k] - got[k]).abs().max()) for k in expected)
+    assert worst < 1e-5, f"the resumed run ends {worst:.3g} away from the uninterrupted one"

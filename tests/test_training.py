@@ -19,7 +19,7 @@ from vembed.model import EmbeddingModel
 from vembed.testing import make_shapes_dataset
 from vembed.training.checkpointing import load_training_state, save_training_state
 from vembed.training.config import as_config, load_and_parse_config
-from vembed.training.model_builder import build_model, load_processor
+from vembed.training.model_builder import apply_lora, build_model, load_processor
 from vembed.training.optimizer_builder import build_optimizer, build_scheduler
 from vembed.training.training_loop import Trainer
 
@@ -238,6 +238,34 @@ def test_seed_guide_custom_loop_with_a_real_accelerator(tiny_clip_dir, shapes_sm
     assert (tmp_path / "out" / "checkpoint-epoch-1" / "vembed.json").is_file()
 
 
+def test_fsdp_through_accelerate_is_refused_at_construction_pointing_to_ray_train(tiny_clip_dir, tmp_path):
+    # The guide's Example 3 prepared a model accelerate had wrapped with FSDP, trained it and failed at the first
+    # save on its DTensor weights. The Trainer now refuses such a model up front and says where FSDP works.
+    accelerate = pytest.importorskip("accelerate")
+    import torch.distributed as dist
+
+    from vembed.training.distributed import is_sharded, wrap_model
+
+    cfg = _config(tiny_clip_dir, tmp_path, strategy="fsdp")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = wrap_model(build_model(cfg), cfg, torch.device("cpu"))  # a real FSDP2-sharded model
+        assert is_sharded(model)
+        with pytest.raises(
+            ValueError, match=r"does not support FSDP through accelerate.*under Ray Train.*strategy: fsdp"
+        ):
+            Trainer(
+                model,
+                build_optimizer(model, cfg),
+                [],
+                LossFactory.create(cfg),
+                accelerator=accelerate.Accelerator(cpu=True),
+                config=cfg,
+            )
+    finally:
+        dist.destroy_process_group()
+
+
 def test_resume_state_continues_exactly_where_it_stopped(tiny_clip_dir, shapes_small, tmp_path):
     batches = _collated(shapes_small["train"], tiny_clip_dir, batch_size=8)
 
@@ -271,6 +299,75 @@ def test_resume_state_continues_exactly_where_it_stopped(tiny_clip_dir, shapes_s
         float(resumed.criterion.logit_scale.log_scale.detach()), abs=1e-6
     )
     assert not (tmp_path / "resumed" / "out" / "checkpoint-epoch-1").exists()  # epoch 1 was not run again
+
+
+class _WorkerDied(RuntimeError):
+    pass
+
+
+def _dies_after(batches, count):
+    """Batches that stop with an error after ``count`` of them: a worker lost mid-epoch."""
+    yield from batches[:count]
+    raise _WorkerDied
+
+
+def test_a_run_resumed_mid_epoch_draws_the_same_dropout_and_loss_scale_as_an_uninterrupted_one(
+    tiny_clip_dir, shapes_small, tmp_path
+):
+    # LoRA dropout makes every step random. The run dies in epoch 2 after its first micro-batch (the data loader
+    # looks one batch ahead) and is resumed from its state at that point; the weights must equal an uninterrupted
+    # run's. The dropout RNG was reseeded at epoch start only, so the resumed steps drew other masks.
+    batches = _collated(shapes_small["train"], tiny_clip_dir, batch_size=8)  # 3 per epoch
+
+    def make(out, data):
+        cfg = _config(tiny_clip_dir, tmp_path / out, epochs=2, learning_rate=1e-2, use_lora=True, lora_dropout=0.5)
+        torch.manual_seed(0)
+        model = apply_lora(build_model(cfg), cfg)
+        criterion = LossFactory.create(cfg)
+        optimizer = build_optimizer(model, cfg, extra_modules=[criterion])
+        return Trainer(model, optimizer, data, criterion, config=cfg)
+
+    class Epochs:
+        """Epoch 1 in full, then epoch 2 dies after two batches."""
+
+        def __init__(self):
+            self.epoch = 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter(batches) if self.epoch == 0 else _dies_after(batches, 2)
+
+    straight = make("straight", batches)
+    straight.train()
+    dying = make("dying", Epochs())
+    with pytest.raises(_WorkerDied):
+        dying.train()
+    assert (dying.progress.epoch, dying.progress.batches_done, dying.progress.step) == (1, 1, 4)
+    # fp16's GradScaler is part of the resume state (fp16 needs CUDA: a CPU scaler with a moved scale stands in).
+    dying._scaler = torch.amp.GradScaler("cpu")
+    scale_state = {
+        "scale": 3.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 100,
+        "_growth_tracker": 7,
+    }
+    dying._scaler.load_state_dict(scale_state)  # where 7 steps after two overflows leave a scaler
+    written = save_training_state(
+        tmp_path / "state", dying.model, dying.optimizer, None, dying.progress, dying._stateful_modules()
+    )
+    assert written
+
+    resumed = make("resumed", batches)
+    resumed._scaler = torch.amp.GradScaler("cpu")
+    resumed.load_state(tmp_path / "state")
+    assert resumed._scaler.state_dict() == scale_state
+    resumed._scaler = None  # float32 training from here on, like the straight run
+    resumed.train()
+    assert resumed.progress.step == straight.progress.step == 6
+    assert _max_diff(_weights(straight.model), _weights(resumed.model)) < 1e-6
 
 
 def test_bad_trainer_setups_are_clear_errors(tiny_clip_dir, tmp_path):

@@ -64,21 +64,25 @@ def _config(tiny_clip_dir, data, tmp_path, **overrides):
     )
 
 
-def _reference_step(cfg, data):
-    """One AdamW step on the whole batch in this process, clipping by the global norm."""
+def _reference_step(cfg, data, steps=1):
+    """``steps`` AdamW steps on the whole batch in this process, clipping by the global norm."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     criterion = LossFactory.create(cfg)
     optimizer = build_optimizer(model, cfg, extra_modules=[criterion])
     dataset = VisualRetrievalDataset(data["train"], load_processor(cfg.model_name), retrieval_mode=cfg.retrieval_mode)
     (batch,) = DataLoader(dataset, batch_size=len(dataset), collate_fn=dataset.collator())
-    assert batch["negative_pixel_values"].shape[:2] == (8, 1)
-    loss = criterion(model(**batch), batch)
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    assert norm > cfg.max_grad_norm  # clipping is active, so the global norm must be right too
-    optimizer.step()
+    if cfg.retrieval_mode == "t2i":
+        assert batch["negative_pixel_values"].shape[:2] == (8, 1)
+    for step in range(steps):
+        loss = criterion(model(**batch), batch)
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if step == 0:
+            assert norm > cfg.max_grad_norm  # clipping is active, so the global norm must be right too
+        optimizer.step()
+        optimizer.zero_grad()
     return model, criterion
 
 
@@ -105,6 +109,31 @@ def test_two_workers_take_the_same_step_as_one_process(strategy, ray_local, tiny
     assert progress == {"epoch": 1, "batches_done": 0, "step": 1}
     expected_scale = reference_loss.logit_scale.log_scale.detach()
     torch.testing.assert_close(loss_state["logit_scale.log_scale"], expected_scale, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["i2i", "t2t"])
+def test_ddp_on_a_dual_model_trains_single_tower_modes_past_step_two(
+    mode, ray_local, tiny_clip_dir, tmp_path_factory, tmp_path
+):
+    # i2i and t2t never run one of CLIP's towers; DDP failed at step 2 ("Expected to have finished reduction in the
+    # prior iteration") until the unused tower was frozen before wrapping. Two epochs of one global batch: two
+    # steps, compared with two single-process steps on the whole batch.
+    data = make_shapes_dataset(tmp_path_factory.mktemp(mode), num_train=8, num_val=0, num_test=0, mode=mode, seed=4)
+    cfg = _config(tiny_clip_dir, data, tmp_path, retrieval_mode=mode, epochs=2, logging_steps=1)
+    result = run_training(cfg)
+    assert result.error is None
+    assert result.metrics["world_size"] == 2 and result.metrics["step"] == 2
+
+    reference, _ = _reference_step(cfg, data, steps=2)
+    trained = EmbeddingModel.from_pretrained(tmp_path / "out" / "checkpoint-epoch-2")
+    start = build_model(cfg).state_dict()
+    ref_state, got_state = reference.state_dict(), trained.state_dict()
+    unused = "backbone.text_model." if mode == "i2i" else "backbone.vision_model."
+    untouched = [k for k in ref_state if unused in k]
+    assert untouched and all(torch.equal(got_state[k], start[k]) for k in untouched), "the unused tower is frozen"
+    assert max(float((ref_state[k] - start[k]).abs().max()) for k in ref_state) > 1e-3
+    worst = max(float((ref_state[k] - got_state[k]).abs().max()) for k in ref_state)
+    assert worst < 1e-5, f"{mode}: max weight difference {worst:.3g} vs two single-process steps"
 
 
 def test_more_workers_than_the_cluster_has_is_a_clear_error(ray_local, tiny_clip_dir, one_batch, tmp_path):

@@ -299,6 +299,12 @@ def _build(values: Mapping[str, Any], sources: Mapping[str, str]) -> VEmbedConfi
             f"preprocess_tasks={typed['preprocess_tasks']} ({sources.get('preprocess_tasks', 'config')}): "
             "give at least 1 task, or null to let Ray Data use the free CPUs"
         )
+    if typed["strategy"] == "fsdp" and typed["mixed_precision"] == "fp16":
+        raise ConfigError(
+            f"strategy: fsdp with mixed_precision: fp16 ({sources.get('mixed_precision', 'config')}) is not "
+            "supported: vembed's FSDP2 path has no loss scaling, so fp16 gradients would underflow; use "
+            "mixed_precision: bf16 (or no), or strategy: ddp for fp16"
+        )
     return VEmbedConfig(**typed)
 
 

@@ -5,7 +5,8 @@ Stages; every one streams, so the data set may be far larger than memory::
     RecordDatasource   read JSONL / CSV / Parquet (local or pyarrow URI) with vembed's own parser and schema into
                        normalised record rows (a malformed line fails naming file and line). With ``shuffle: true``
                        the file order and the records inside windows of RECORD_SHUFFLE_WINDOW records are permuted
-                       by the seed -- records are paths and texts, so a window costs a few MB
+                       by (seed, epoch) -- records are paths and texts, so a window costs a few MB. The epoch is
+                       read from an :class:`EpochClock` when each epoch's execution starts
     map_batches        in Ray Data tasks: read + decode images, resize/normalise, tokenise with
                        :func:`~vembed.data.batching.build_batch` (the function the torch collator uses); texts are
                        padded to ``max_text_length`` so all blocks share one shape; bad records are dropped and
@@ -17,17 +18,23 @@ Stages; every one streams, so the data set may be far larger than memory::
 
 In each Train worker, :func:`iter_train_batches` turns ``ray.train.get_dataset_shard("train")`` into equal-sized
 torch batches in the model's layout (``drop_last=True``), trims the text padding back to the batch's longest text
-(:func:`collate_train_batch`) and reshuffles every epoch through a local buffer seeded by ``shuffle_seed + epoch``.
+(:func:`collate_train_batch`) and reshuffles rows every epoch through a local buffer seeded by (seed, epoch).
 
 Every random choice is seeded by (seed, epoch) and nothing by how many times the data set has run, so a run
-resumed at epoch N sees the same batches as an uninterrupted one. Ray Train replaces a dataset's execution options
-with its own, so pass ``DataConfig(execution_options=train_ingest_options())`` to keep the order fixed under Train.
+resumed at epoch N (a new driver, or Train workers restarted after a failure) sees the same batches as an
+uninterrupted one. The data set cannot know which epoch a Train worker is in -- Ray Train executes it once per
+epoch, counting from 0 again after every restart -- so the workers tell it: :func:`iter_train_batches` sets the
+run's :class:`EpochClock` before it starts an epoch, and every rank has set the same epoch before Ray Data's
+``streaming_split`` starts that epoch's execution (it waits for all ranks). Ray Train replaces a dataset's
+execution options with its own, so pass ``DataConfig(execution_options=train_ingest_options())`` to keep the order
+fixed under Train.
 A data set stored sorted (by class, say) in one file is only shuffled within windows: write it shuffled, or as
 many files.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import pickle
@@ -122,13 +129,57 @@ class BadRecordCounter:
         return [BadRecord(*b) for b in ray.get(self._actor.examples.remote())]
 
 
+@ray.remote(num_cpus=0)
+class _EpochValue:
+    """Actor state behind :class:`EpochClock`."""
+
+    def __init__(self) -> None:
+        self._epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def get(self) -> int:
+        return self._epoch
+
+
+class EpochClock:
+    """The epoch a training data set is being read for: set by the consumers, read when an execution starts.
+
+    A picklable handle to a tiny (zero-CPU) Ray actor, pinned to the driver's node like
+    :class:`BadRecordCounter` (it outlives Train worker restarts). Create it in the driver, pass it to
+    :func:`build_train_dataset` and to :func:`iter_train_batches`. Requires a running Ray instance.
+    """
+
+    def __init__(self) -> None:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._actor = _EpochValue.options(scheduling_strategy=here).remote()
+
+    def set(self, epoch: int) -> None:
+        """Select the epoch the next execution reads (waits, so an execution started after this sees it)."""
+        ray.get(self._actor.set.remote(int(epoch)))
+
+    def get(self) -> int:
+        """The epoch last set (0 before any)."""
+        return ray.get(self._actor.get.remote())
+
+
+def epoch_seed(seed: int, epoch: int, purpose: str) -> int:
+    """A 32-bit seed for one random choice (``purpose``) of one epoch: the same in every process (sha256, not
+    ``hash()``), and unrelated across seeds and epochs (``seed + epoch`` would make seed 3 epoch 1 = seed 4
+    epoch 0)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 class RecordDatasource(FileBasedDatasource):
     """Ray Data source of normalised records, parsed by :mod:`vembed.data.readers` and checked by a schema.
 
     One read task streams one or more files block by block; any schema problem raises
     :class:`~vembed.data.records.RecordError` naming file and line, which fails the job. With ``shuffle_seed``
-    the files are read in a seeded order and each file's records are permuted within windows of
-    :data:`RECORD_SHUFFLE_WINDOW`, the same way on every execution.
+    the files are read in an order seeded by (seed, epoch) and each file's records are permuted within windows
+    of :data:`RECORD_SHUFFLE_WINDOW` by (seed, epoch, file), where the epoch is ``epoch_clock``'s when an
+    execution starts (0 without a clock: the same order on every execution).
     """
 
     _FILE_EXTENSIONS = [ext.lstrip(".") for ext in RECORD_EXTENSIONS]
@@ -138,13 +189,24 @@ class RecordDatasource(FileBasedDatasource):
         paths: str | list[str],
         record_schema: RecordSchema,
         shuffle_seed: int | None = None,
+        epoch_clock: EpochClock | None = None,
         **file_based_kwargs: Any,
     ) -> None:
-        if shuffle_seed is not None:
-            file_based_kwargs["shuffle"] = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
         super().__init__(paths, **file_based_kwargs)
         self._record_schema = record_schema
         self._shuffle_seed = shuffle_seed
+        self._epoch_clock = epoch_clock
+        self._epoch = 0
+
+    def get_read_tasks(self, parallelism: int, *args: Any, **kwargs: Any) -> list[Any]:
+        """Read tasks of one execution, for the epoch the clock shows now (called as each execution starts)."""
+        if self._shuffle_seed is None:
+            return super().get_read_tasks(parallelism, *args, **kwargs)
+        epoch_source = copy.copy(self)  # the tasks pickle this copy: a later epoch cannot change a running one
+        epoch_source._epoch = self._epoch_clock.get() if self._epoch_clock is not None else 0
+        seed = epoch_seed(self._shuffle_seed, epoch_source._epoch, "files")
+        epoch_source._shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=False)
+        return FileBasedDatasource.get_read_tasks(epoch_source, parallelism, *args, **kwargs)
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
         return filesystem.open_input_file(path)  # random access: Parquet reads its footer first
@@ -152,7 +214,7 @@ class RecordDatasource(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         # A string seed hashes the same in every process (sha512), unlike hash(); one generator per file, created
         # here, so a retried read replays exactly the same permutation.
-        rng = None if self._shuffle_seed is None else random.Random(f"{self._shuffle_seed}:{path}")
+        rng = None if self._shuffle_seed is None else random.Random(f"{self._shuffle_seed}:{self._epoch}:{path}")
         window_size = RECORD_SHUFFLE_WINDOW if rng is not None else RECORD_BLOCK_ROWS
         window: list[dict[str, Any]] = []
         for raw in parse_record_file(f, path):
@@ -226,8 +288,11 @@ def shuffle_seed(cfg: VEmbedConfig | Mapping[str, Any]) -> int:
     return cfg.shuffle_seed if cfg.shuffle_seed is not None else cfg.seed
 
 
-def read_record_dataset(path: str | os.PathLike, cfg: VEmbedConfig | Mapping[str, Any]) -> ray.data.Dataset:
-    """Normalised records at ``path`` (file, directory or URI) as a Ray Dataset, schema and shuffling from ``cfg``.
+def read_record_dataset(
+    path: str | os.PathLike, cfg: VEmbedConfig | Mapping[str, Any], epoch_clock: EpochClock | None = None
+) -> ray.data.Dataset:
+    """Normalised records at ``path`` (file, directory or URI) as a Ray Dataset, schema and shuffling from ``cfg``
+    (reshuffled for the epoch ``epoch_clock`` shows when an execution starts).
 
     The layout (number of negatives, labels or not) is fixed from the first record, read here in the driver, so an
     empty data set fails now with :class:`~vembed.data.readers.EmptyDatasetError` rather than inside a worker.
@@ -237,7 +302,7 @@ def read_record_dataset(path: str | os.PathLike, cfg: VEmbedConfig | Mapping[str
     schema = RecordSchema.from_config(cfg)
     schema = schema.with_layout_of(first_record(path, schema))
     seed = shuffle_seed(cfg) if cfg.shuffle else None
-    source = RecordDatasource(files, schema, shuffle_seed=seed, filesystem=filesystem)
+    source = RecordDatasource(files, schema, shuffle_seed=seed, epoch_clock=epoch_clock, filesystem=filesystem)
     return ray.data.read_datasource(source, override_num_blocks=min(len(files), MAX_READ_TASKS))
 
 
@@ -246,6 +311,7 @@ def build_train_dataset(
     preprocessor: Any,
     cfg: VEmbedConfig | Mapping[str, Any],
     bad_records: BadRecordCounter | None = None,
+    epoch_clock: EpochClock | None = None,
 ) -> ray.data.Dataset:
     """The training Dataset: rows in the model's batch layout (see :mod:`vembed.data.batching`), one per record.
 
@@ -255,13 +321,15 @@ def build_train_dataset(
         cfg: reads ``retrieval_mode``, ``column_mapping``, ``image_root``, ``on_bad_record``, ``shuffle``,
             ``shuffle_seed``/``seed`` and ``preprocess_tasks`` (``max_text_length`` is the preprocessor's).
         bad_records: counts records dropped under ``on_bad_record: skip`` (they are logged either way).
+        epoch_clock: with ``shuffle: true``, the file and window orders of each execution are those of the epoch
+            it shows (give the same clock to :func:`iter_train_batches`); without one they stay those of epoch 0.
 
     Text columns are padded to ``preprocessor.max_text_length``; consume the dataset with
     :func:`iter_train_batches` (or ``iter_torch_batches(collate_fn=collate_train_batch)``) to get batches padded
     to their longest text.
     """
     cfg = as_config(cfg)
-    ds = read_record_dataset(path, cfg).map_batches(
+    ds = read_record_dataset(path, cfg, epoch_clock).map_batches(
         preprocess_records,
         fn_kwargs={
             "preprocessor": PickledPreprocessor(preprocessor),
@@ -306,19 +374,23 @@ def iter_train_batches(
     cfg: VEmbedConfig | Mapping[str, Any],
     epoch: int = 0,
     prefetch_batches: int = 1,
+    epoch_clock: EpochClock | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of equal-sized training batches from a worker's shard (``ray.train.get_dataset_shard("train")``).
 
     ``batch_size`` is this worker's share of the global batch; the last partial batch is dropped so every step of
-    every rank has the same size (contrastive losses need it). With ``shuffle: true`` rows pass through a local
-    shuffle buffer seeded by ``shuffle_seed + epoch``: a different, reproducible order each epoch.
+    every rank has the same size (contrastive losses need it). With ``shuffle: true`` this epoch's file and window
+    orders are selected on ``epoch_clock`` (the data set's, see :func:`build_train_dataset`) and rows pass through
+    a local shuffle buffer seeded by (seed, epoch): a different, reproducible order each epoch.
     """
     cfg = as_config(cfg)
     shuffle = {}
     if cfg.shuffle:
+        if epoch_clock is not None:
+            epoch_clock.set(epoch)
         shuffle = {
             "local_shuffle_buffer_size": max(MIN_SHUFFLE_BUFFER_ROWS, 4 * batch_size),
-            "local_shuffle_seed": shuffle_seed(cfg) + epoch,
+            "local_shuffle_seed": epoch_seed(shuffle_seed(cfg), epoch, "rows"),
         }
     return iter(
         shard.iter_torch_batches(

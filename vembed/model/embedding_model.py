@@ -16,7 +16,7 @@ Under FSDP2, call the model itself (``forward``) rather than ``encode_*``: FSDP'
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +266,21 @@ class EmbeddingModel(nn.Module):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def freeze_modalities_except(self, used: Collection[str]) -> bool:
+        """Freeze the tower(s) and head of every modality not in ``used`` (a t2t run never encodes images).
+
+        Data-parallel training needs it: DDP expects a gradient for every trainable parameter at every step.
+        Returns False, freezing nothing, when the family cannot tell which parameters belong to a modality.
+        """
+        unused = [m for m in self.modalities if m not in used]
+        modules = {m: self.encoder.modality_modules(m) for m in unused}
+        if any(found is None for found in modules.values()):
+            return False
+        for modality, found in modules.items():
+            for module in [*found, *([self.heads[modality]] if modality in self.heads else [])]:
+                module.requires_grad_(False)
+        return True
 
     def no_split_module_classes(self) -> list[str]:
         """Class names of the backbone blocks FSDP2 should shard one by one (the HF ``_no_split_modules``)."""

@@ -206,6 +206,12 @@ class EncoderFamily(nn.Module, abc.ABC):
         families without an image tower raise a ValueError naming what they do encode."""
         raise ValueError(f"the {self.name} family encodes {'/'.join(self.modalities)} only, not images")
 
+    def modality_modules(self, modality: str) -> list[nn.Module] | None:
+        """The submodules that only ``modality`` runs through (its tower, norm and projection), so that a run
+        that never encodes it can freeze them; ``[]`` for a modality the family lacks, None when the family cannot
+        tell. Default: single-backbone families, whose one backbone serves their one modality."""
+        return [self.backbone] if modality in self.modalities else []
+
     def describe(self) -> dict[str, Any]:
         """Family-specific facts recorded in ``vembed.json`` (nothing by default)."""
         return {}
@@ -301,6 +307,9 @@ class ComposedFamily(EncoderFamily):
 
     def encode_image(self, pixel_values: torch.Tensor) -> Encoded:
         return _pooled(_image_states(self.image_encoder, pixel_values), None, self.pooling["image"])
+
+    def modality_modules(self, modality: str) -> list[nn.Module] | None:
+        return [self.text_encoder if modality == "text" else self.image_encoder]
 
 
 class DualFamily(EncoderFamily):
@@ -399,6 +408,11 @@ class DualFamily(EncoderFamily):
             return self._features(model.get_image_features(pixel_values=pixel_values)), None
         tower, _, _ = self._parts("image")
         return self._explicit("image", _image_states(tower, pixel_values), None)
+
+    def modality_modules(self, modality: str) -> list[nn.Module] | None:
+        if self.layout is None:
+            return None  # where this model type keeps each tower is unknown
+        return [module for module in self._parts(modality) if module is not None]
 
     def describe(self) -> dict[str, Any]:
         return {"reshaped_parameters": self.original_shapes}

@@ -1,7 +1,8 @@
 """Two kinds of checkpoint: training state for resume, and model directories for users.
 
 Resume state (what Ray Train stores under ``RunConfig(storage_path, name)``): model, optimizer,
-scheduler, trainable loss parameters and :class:`TrainingProgress` (epoch, data position, step).
+scheduler, trainable loss parameters, the fp16 GradScaler and :class:`TrainingProgress` (epoch, data position,
+step). Dropout needs no saved RNG state: the loop seeds every micro-batch by its position in the run.
 
 - Replicated models (single process, DDP): rank 0 writes ``model.pt``, ``optimizer.pt``, ...
 - FSDP2-sharded models: every rank writes its own shards with ``torch.distributed.checkpoint`` (DCP)
@@ -99,11 +100,12 @@ def save_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     progress: TrainingProgress,
-    extra_modules: Mapping[str, nn.Module] | None = None,
+    extra_modules: Mapping[str, Any] | None = None,
 ) -> bool:
     """Write resume state into ``directory`` (every rank calls this). Returns whether this rank wrote files.
 
-    ``extra_modules`` are replicated modules with state of their own (the loss's learnable temperature).
+    ``extra_modules`` are replicated objects with a ``state_dict()`` of their own (the loss's learnable
+    temperature, a ``GradScaler``).
     """
     directory = Path(directory)
     rank, _ = distributed_world()
@@ -134,7 +136,7 @@ def load_training_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    extra_modules: Mapping[str, nn.Module] | None = None,
+    extra_modules: Mapping[str, Any] | None = None,
 ) -> TrainingProgress:
     """Restore what :func:`save_training_state` wrote (every rank calls this) and return the progress."""
     directory = Path(directory)

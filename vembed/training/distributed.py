@@ -33,6 +33,7 @@ __all__ = [
     "autocast_dtype",
     "clip_grad_norm",
     "distributed_world",
+    "freeze_unused_towers",
     "in_ray_train_worker",
     "is_sharded",
     "select_device",
@@ -114,16 +115,34 @@ def _fully_shard(model: nn.Module, config: VEmbedConfig, device: torch.device) -
     return model
 
 
+def freeze_unused_towers(model: nn.Module, retrieval_mode: str) -> bool:
+    """Freeze the parameters of the modality ``retrieval_mode`` never encodes (the image tower of a t2t run on a
+    dual or composed model, the text tower of i2i). Returns False when the model cannot tell which parameters
+    those are (DDP must then be told to look for unused parameters), True otherwise."""
+    from vembed.data.records import role_modalities
+    from vembed.model.embedding_model import EmbeddingModel
+
+    inner = unwrap_model(model)
+    if not isinstance(inner, EmbeddingModel):
+        return True  # a user's own module: its parameters are its business
+    used = set().union(*role_modalities(retrieval_mode).values())
+    return inner.freeze_modalities_except(used)
+
+
 def wrap_model(model: nn.Module, config: VEmbedConfig | Mapping[str, Any], device: torch.device) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it for ``config.strategy`` (``ddp`` or ``fsdp``).
 
     No process group: the model is returned unwrapped. DDP with one rank is skipped (nothing to
     synchronise); FSDP2 shards even over one rank so that the checkpoint format follows the strategy.
+    The tower the retrieval mode never uses is frozen first (:func:`freeze_unused_towers`): DDP fails at the
+    second step on parameters that get no gradient, and freezing them costs nothing, unlike DDP's
+    ``find_unused_parameters`` graph walk on every step (kept only for models that cannot say).
     """
     cfg = as_config(config)
     _, world = distributed_world()
     if not dist.is_initialized():
         return model.to(device)
+    declared = freeze_unused_towers(model, cfg.retrieval_mode)
     if cfg.strategy == "fsdp":
         if cfg.fsdp_cpu_offload:
             return _fully_shard(model, cfg, device)  # parameters stay on CPU; FSDP moves them per use
@@ -132,7 +151,7 @@ def wrap_model(model: nn.Module, config: VEmbedConfig | Mapping[str, Any], devic
     if world == 1:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=not declared)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -108,10 +108,10 @@ def check_cluster_fits(config: VEmbedConfig, use_gpu: bool) -> None:
         )
 
 
-def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any]:
-    """The Ray Data pipelines ``{"train": ..., "val": ...}``, the number of training records and the
-    counter of records skipped as bad."""
-    from vembed.data.pipeline import BadRecordCounter, build_train_dataset, read_record_dataset
+def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any, Any]:
+    """The Ray Data pipelines ``{"train": ..., "val": ...}``, the number of training records, the counter of
+    records skipped as bad and the training set's epoch clock (the workers set it, see ``EpochClock``)."""
+    from vembed.data.pipeline import BadRecordCounter, EpochClock, build_train_dataset, read_record_dataset
     from vembed.data.processing import Preprocessor
 
     if config.data_path is None:
@@ -119,7 +119,8 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any]:
     preprocessor = Preprocessor.from_config(config)
     num_records = read_record_dataset(config.data_path, config).count()
     bad_records = BadRecordCounter()
-    datasets = {"train": build_train_dataset(config.data_path, preprocessor, config, bad_records)}
+    epoch_clock = EpochClock()
+    datasets = {"train": build_train_dataset(config.data_path, preprocessor, config, bad_records, epoch_clock)}
     if config.val_data_path is not None:
         val_config = config.replace(shuffle=False)
         datasets["val"] = build_train_dataset(config.val_data_path, preprocessor, val_config, bad_records)
@@ -127,7 +128,7 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any]:
         # A bad record (on_bad_record: fail) must reach the user as itself, "bad record 'x' at file:line: ...",
         # not as Ray Data's generic "UDF failed" (the worker re-raises it, see worker.ShardLoader).
         dataset.context.raise_original_map_exception = True
-    return datasets, num_records, bad_records
+    return datasets, num_records, bad_records, epoch_clock
 
 
 def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
@@ -143,7 +144,7 @@ def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
         check_cluster_fits(cfg, use_gpu)
     from vembed.data.pipeline import train_ingest_options
 
-    datasets, num_records, bad_records = build_datasets(cfg)
+    datasets, num_records, bad_records, epoch_clock = build_datasets(cfg)
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.num_workers,
         use_gpu=use_gpu,
@@ -158,7 +159,7 @@ def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=make_loop_config(cfg, num_records, bad_records),
+        train_loop_config=make_loop_config(cfg, num_records, bad_records, epoch_clock),
         scaling_config=scaling,
         run_config=run_config,
         datasets=datasets,

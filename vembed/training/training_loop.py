@@ -22,6 +22,7 @@ step (the whole batch's loss in chunk-sized memory) instead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -152,6 +153,7 @@ class Trainer:
             )
         self.accelerator = accelerator
         if accelerator is not None:
+            _refuse_accelerate_fsdp(accelerator, model)
             model, optimizer, dataloader, val_dataloader = self._prepare_with_accelerator(
                 model, optimizer, dataloader, val_dataloader
             )
@@ -308,7 +310,7 @@ class Trainer:
 
     def _run_epoch(self, epoch: int) -> None:
         cfg = self.config
-        torch.manual_seed(cfg.seed + 1000 * epoch + self.rank)  # dropout etc.: the same on resume
+        torch.manual_seed(cfg.seed + 1000 * epoch + self.rank)  # a torch DataLoader's shuffle: the same on resume
         if hasattr(self.dataloader, "set_epoch"):
             self.dataloader.set_epoch(epoch)
         skip = self.progress.batches_done if epoch == self.progress.epoch else 0
@@ -317,6 +319,7 @@ class Trainer:
         for index, (batch, last) in enumerate(_with_last_flag(self.dataloader)):
             if index < skip:
                 continue  # trained on before the checkpoint we resumed from
+            torch.manual_seed(_micro_batch_seed(cfg.seed, epoch, index, self.rank))  # dropout: the same on resume
             batch = _to_device(batch, self.device)
             window += 1
             sync = window == cfg.gradient_accumulation_steps or last
@@ -446,8 +449,12 @@ class Trainer:
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote else None
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    def _stateful_modules(self) -> dict[str, nn.Module]:
-        return {"loss": self.criterion} if isinstance(self.criterion, nn.Module) else {}
+    def _stateful_modules(self) -> dict[str, Any]:
+        """Resume state beside model and optimizer: the loss's parameters and fp16's loss scale."""
+        modules: dict[str, Any] = {"loss": self.criterion} if isinstance(self.criterion, nn.Module) else {}
+        if self._scaler is not None:
+            modules["grad_scaler"] = self._scaler
+        return modules
 
     def load_state(self, directory: str | Path) -> TrainingProgress:
         """Resume from a directory written by a resume checkpoint (model, optimizer, scheduler, progress)."""
@@ -500,6 +507,29 @@ def _steps_from_len(dataloader: Any, accumulation: int) -> int | None:
     except TypeError:
         return None
     return -(-batches // accumulation) if batches else None
+
+
+def _micro_batch_seed(seed: int, epoch: int, index: int, rank: int) -> int:
+    """The RNG seed of one micro-batch (dropout): a function of where it is in the run, so a run resumed
+    mid-epoch draws the masks an uninterrupted one draws, with no RNG state to checkpoint."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _refuse_accelerate_fsdp(accelerator: Any, model: nn.Module) -> None:
+    """FSDP through ``accelerate`` is not supported: its FSDP-wrapped / ``DTensor`` weights cannot be saved as a
+    vembed checkpoint here, so the run would train and then fail at its first save. vembed's FSDP2 path (sharded
+    resume checkpoints, gathered user checkpoints) runs under Ray Train."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = isinstance(model, FullyShardedDataParallel) or is_sharded(model)
+    if getattr(accelerator, "distributed_type", None) == "FSDP" or wrapped:  # DistributedType is a str enum
+        raise ValueError(
+            "Trainer does not support FSDP through accelerate.Accelerator (its sharded weights cannot be saved "
+            "as a vembed checkpoint). Train with FSDP under Ray Train instead: set strategy: fsdp and run "
+            "`vembed train cfg.yaml --config_override strategy=fsdp num_workers=N` or "
+            "VEmbedFactoryTrainer(..., strategy='fsdp', num_workers=N); or use the Accelerator without FSDP (DDP)"
+        )
 
 
 def _model_device(model: nn.Module) -> torch.device:

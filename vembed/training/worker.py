@@ -33,14 +33,23 @@ logger = logging.getLogger(__name__)
 
 NUM_RECORDS_KEY = "_num_train_records"
 BAD_RECORDS_KEY = "_bad_records"
+EPOCH_CLOCK_KEY = "_epoch_clock"
 
 
-def make_loop_config(config: VEmbedConfig, num_train_records: int, bad_records: Any | None = None) -> dict[str, Any]:
+def make_loop_config(
+    config: VEmbedConfig, num_train_records: int, bad_records: Any | None = None, epoch_clock: Any | None = None
+) -> dict[str, Any]:
     """The ``train_loop_config`` for :func:`train_loop_per_worker`.
 
-    ``bad_records`` is the pipeline's :class:`~vembed.data.pipeline.BadRecordCounter` (reported as a metric).
+    ``bad_records`` is the pipeline's :class:`~vembed.data.pipeline.BadRecordCounter` (reported as a metric);
+    ``epoch_clock`` the training data set's :class:`~vembed.data.pipeline.EpochClock` (each epoch's order).
     """
-    return {**config.to_dict(), NUM_RECORDS_KEY: int(num_train_records), BAD_RECORDS_KEY: bad_records}
+    return {
+        **config.to_dict(),
+        NUM_RECORDS_KEY: int(num_train_records),
+        BAD_RECORDS_KEY: bad_records,
+        EPOCH_CLOCK_KEY: epoch_clock,
+    }
 
 
 def local_batch_size(config: VEmbedConfig, world_size: int) -> int:
@@ -67,15 +76,18 @@ def optimizer_steps_per_epoch(num_records: int, config: VEmbedConfig, world_size
 class ShardLoader:
     """Re-iterable batches of this worker's shard of a Ray Data set, one pass per epoch.
 
-    Training (``train=True``): equal-sized batches reshuffled per epoch by ``iter_train_batches``;
-    validation: every row once, in order.
+    Training (``train=True``): equal-sized batches reshuffled per epoch by ``iter_train_batches`` (files and
+    windows through ``epoch_clock``); validation: every row once, in order.
     """
 
-    def __init__(self, shard: Any, batch_size: int, config: VEmbedConfig, train: bool) -> None:
+    def __init__(
+        self, shard: Any, batch_size: int, config: VEmbedConfig, train: bool, epoch_clock: Any | None = None
+    ) -> None:
         self.shard = shard
         self.batch_size = batch_size
         self.config = config
         self.train = train
+        self.epoch_clock = epoch_clock
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -86,7 +98,9 @@ class ShardLoader:
         from vembed.data.pipeline import collate_train_batch, iter_train_batches
 
         if self.train:
-            batches = iter_train_batches(self.shard, self.batch_size, self.config, epoch=self.epoch)
+            batches = iter_train_batches(
+                self.shard, self.batch_size, self.config, epoch=self.epoch, epoch_clock=self.epoch_clock
+            )
         else:
             batches = iter(self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=collate_train_batch))
         try:
@@ -163,6 +177,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     values = dict(config)
     num_records = values.pop(NUM_RECORDS_KEY, None)
     bad_records = values.pop(BAD_RECORDS_KEY, None)
+    epoch_clock = values.pop(EPOCH_CLOCK_KEY, None)
     cfg = as_config(values, source="train_loop_config")
     if num_records is None:
         raise ValueError(
@@ -184,7 +199,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     scheduler, _ = build_scheduler(optimizer, cfg, max(cfg.epochs, 1), steps_per_epoch)
 
     batch_size = local_batch_size(cfg, world)
-    train = ShardLoader(ray.train.get_dataset_shard("train"), batch_size, cfg, train=True)
+    train = ShardLoader(ray.train.get_dataset_shard("train"), batch_size, cfg, train=True, epoch_clock=epoch_clock)
     val = None
     if cfg.val_data_path is not None:
         val = ShardLoader(ray.train.get_dataset_shard("val"), cfg.eval_batch_size, cfg, train=False)
