@@ -73,7 +73,7 @@ class VEmbedFactoryPredictor:
         overrides = {"pooling_method": pooling_method} if pooling_method else {}
         self.model = EmbeddingModel.from_pretrained(self.model_path, **overrides)
         self.model.to(device=self.device, dtype=self.dtype).eval()
-        self.preprocessor = Preprocessor.from_pretrained(self.model_path, max_text_length=max_text_length or 77)
+        self.preprocessor = Preprocessor.from_pretrained(self.model_path, max_text_length=max_text_length)
         self.dimension = self._check_dimension(dimension if dimension is not None else mrl_dim)
 
     @classmethod
