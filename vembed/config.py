@@ -43,7 +43,7 @@ class VEmbedConfig:
 
     # model
     model_name: Optional[str]
-    model_family: Literal["auto", "dual", "composed", "text", "image"]
+    model_family: Literal["auto", "dual", "composed", "text", "image", "vlm"]
     text_model_name: Optional[str]
     image_model_name: Optional[str]
     pooling_method: Literal["auto", "cls", "mean", "last", "none"]
