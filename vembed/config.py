@@ -61,13 +61,14 @@ class VEmbedConfig:
     lora_dropout: float
     lora_target_modules: list[str]
     lora_save_mode: Literal["merged", "adapter"]
+    lora_vision_tower: bool
     # data
     data_path: Optional[str]
     val_data_path: Optional[str]
     image_root: Optional[str]
     retrieval_mode: Literal["t2i", "i2i", "i2t", "t2t", "m2i", "m2t"]
     column_mapping: dict[str, str]
-    max_text_length: int
+    max_text_length: Optional[int]
     image_size: Optional[int]
     on_bad_record: Literal["skip", "fail"]
     shuffle: bool

@@ -20,6 +20,7 @@ model id (:func:`is_vlm_config`). Width and length limit come from ``text_config
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -30,6 +31,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 from vembed.model.families import EncoderFamily, _resolve
 from vembed.model.hf import unwrap
 from vembed.model.pooling import pool
+
+#: LoRA's default targets in a VLM: the language model's attention and MLP projections (full-name regexes, so the
+#: vision tower's own ``proj`` layers stay out unless ``lora_vision_tower`` adds them)
+TEXT_LORA_PATTERN = r"(.*\.)?language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+VISION_LORA_PATTERN = r"(.*\.)?visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))"
 
 #: the batch keys of one role, beside ``input_ids`` / ``attention_mask``
 SEQUENCE_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
@@ -201,6 +207,21 @@ class VLMFamily(EncoderFamily):
         method = self.pooling["text"]
         return pool(states, attention_mask, method), (attention_mask if method == "none" else None)
 
-    def vision_modules(self) -> list[nn.Module]:
-        """The vision tower (kept out of the default LoRA targets)."""
-        return [unwrap(self.backbone).visual]
+    def default_lora_targets(self, include_vision: bool = False) -> str:
+        """LoRA targets as a PEFT regex over full module names: the text decoder's attention and MLP projections
+        (``q/k/v/o_proj``, ``gate/up/down_proj`` under ``language_model``), plus with ``include_vision`` the vision
+        blocks' ``attn.qkv`` / ``attn.proj`` / ``mlp.linear_fc1/2`` (``lora_vision_tower: true``).
+
+        Raises:
+            ValueError: the backbone has none of these layers (another VLM layout): set lora_target_modules.
+        """
+        pattern = TEXT_LORA_PATTERN + (f"|{VISION_LORA_PATTERN}" if include_vision else "")
+        names = [name for name, module in unwrap(self.backbone).named_modules() if isinstance(module, nn.Linear)]
+        if not any(re.fullmatch(TEXT_LORA_PATTERN, name) for name in names) or (
+            include_vision and not any(re.fullmatch(VISION_LORA_PATTERN, name) for name in names)
+        ):
+            raise ValueError(
+                f"no default LoRA targets match {type(unwrap(self.backbone)).__name__}; set lora_target_modules "
+                f"to some of its linear layers: {sorted({n.rsplit('.', 1)[-1] for n in names})}"
+            )
+        return pattern
