@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from peft.tuners.lora import LoraLayer
 
-from vembed.data.processing import Preprocessor
 from vembed.model import EmbeddingModel, apply_lora
 
 pytestmark = pytest.mark.unit
@@ -40,14 +39,3 @@ def test_lora_defaults_to_the_text_decoders_projections_and_opts_into_the_vision
     )
     with pytest.raises(ValueError, match="lora_vision_tower applies to vlm models only; this is a dual model"):
         apply_lora(EmbeddingModel.from_pretrained(str(tiny_clip_dir)), {"use_lora": True, "lora_vision_tower": True})
-
-
-def test_decoder_embedders_get_their_own_text_length_encoders_keep_77(
-    tiny_qwen3_vl_dir, tiny_qwen3_embedding_dir, tiny_clip_dir, tiny_bert_dir
-):
-    assert Preprocessor.from_pretrained(tiny_qwen3_embedding_dir).max_text_length == 512  # its position table
-    assert Preprocessor.from_pretrained(tiny_qwen3_vl_dir).max_text_length == 512  # text_config's
-    assert Preprocessor.from_config({"model_name": str(tiny_qwen3_embedding_dir)}).max_text_length == 512
-    assert Preprocessor.from_pretrained(tiny_clip_dir).max_text_length == 77
-    assert Preprocessor.from_pretrained(tiny_bert_dir).max_text_length == 77
-    assert Preprocessor.from_config({"model_name": str(tiny_bert_dir), "max_text_length": 12}).max_text_length == 12

@@ -68,7 +68,7 @@ class VEmbedConfig:
     image_root: Optional[str]
     retrieval_mode: Literal["t2i", "i2i", "i2t", "t2t", "m2i", "m2t"]
     column_mapping: dict[str, str]
-    max_text_length: Optional[int]
+    max_text_length: int
     image_size: Optional[int]
     on_bad_record: Literal["skip", "fail"]
     shuffle: bool

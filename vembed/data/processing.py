@@ -111,21 +111,11 @@ class Preprocessor:
         cls,
         text_source: str | Path | None,
         image_source: str | Path | None,
-        max_text_length: int | None = None,
+        max_text_length: int = 77,
         image_size: int | None = None,
         trust_remote_code: bool = False,
     ) -> Preprocessor:
-        """Tokenizer from ``text_source`` and image processor from ``image_source`` (either may be None).
-
-        ``max_text_length=None`` is the model's own limit
-        (:func:`vembed.model.families.default_max_text_length`: a decoder's position table, 77 for encoders).
-        """
-        if max_text_length is None:
-            from vembed.model.families import default_max_text_length
-
-            max_text_length = (
-                77 if text_source is None else default_max_text_length(str(text_source), trust_remote_code)
-            )
+        """Tokenizer from ``text_source`` and image processor from ``image_source`` (either may be None)."""
         tokenizer = load_tokenizer(text_source, trust_remote_code) if text_source is not None else None
         image_processor = load_image_processor(image_source, trust_remote_code) if image_source is not None else None
         if tokenizer is None and image_processor is None:
@@ -144,7 +134,7 @@ class Preprocessor:
     def from_pretrained(
         cls,
         model_dir_or_id: str | Path,
-        max_text_length: int | None = None,
+        max_text_length: int = 77,
         image_size: int | None = None,
         trust_remote_code: bool = False,
     ) -> Preprocessor:

@@ -92,28 +92,6 @@ def _is_causal_text_model(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "is_decoder", False)) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-#: ``max_text_length: null`` for encoder text towers (CLIP's context length), capped at their position table
-ENCODER_TEXT_LENGTH = 77
-
-
-def default_max_text_length(source: str, trust_remote_code: bool = False) -> int:
-    """The text length limit of the model at ``source`` when ``max_text_length`` is null.
-
-    Decoder-only text embedders (Qwen3-Embedding) and VLMs get their own limit, the text model's position table
-    (``text_config.max_position_embeddings``): their inputs (instructions, chat templates, image tokens) are long
-    and truncating them at an encoder's 77 tokens would cut off the token that is pooled. Encoders keep 77, capped
-    at their position table (BERT: 77; a 64-position SigLIP: 64). A directory without a readable config: 77.
-    """
-    try:
-        config = load_hf_config(source, trust_remote_code=trust_remote_code)
-    except (FileNotFoundError, ValueError):
-        return ENCODER_TEXT_LENGTH
-    positions = getattr(_text_config(config), "max_position_embeddings", None)
-    if (is_vlm_config(config) or _is_causal_text_model(_text_config(config))) and positions:
-        return int(positions)
-    return min(ENCODER_TEXT_LENGTH, int(positions)) if positions else ENCODER_TEXT_LENGTH
-
-
 def natural_text_pooling(config: PretrainedConfig, source: str) -> str:
     """``auto`` pooling of a text tower: the sentence-transformers config if shipped, else ``last`` for causal
     decoders (the only token that has seen the whole text) and ``mean`` for bidirectional encoders."""
