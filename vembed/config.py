@@ -43,7 +43,7 @@ class VEmbedConfig:
 
     # model
     model_name: Optional[str]
-    model_family: Literal["auto", "dual", "composed", "text", "image"]
+    model_family: Literal["auto", "dual", "composed", "text", "image", "vlm"]
     text_model_name: Optional[str]
     image_model_name: Optional[str]
     pooling_method: Literal["auto", "cls", "mean", "last", "none"]
@@ -61,6 +61,7 @@ class VEmbedConfig:
     lora_dropout: float
     lora_target_modules: list[str]
     lora_save_mode: Literal["merged", "adapter"]
+    lora_vision_tower: bool
     # data
     data_path: Optional[str]
     val_data_path: Optional[str]
