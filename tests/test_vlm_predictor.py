@@ -78,11 +78,11 @@ def test_vlm_vectors_do_not_depend_on_the_batch_and_differ_between_inputs(vlm):
     )
 
 
-def _qwen3_embedding_reference(model_dir, texts):
+def _qwen3_embedding_reference(model_dir, texts, max_length=512):
     """Qwen3-Embedding as released: left padding, ``<|endoftext|>`` appended, last token, L2-normalised."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir).eval()
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         states = model(**enc).last_hidden_state
     return F.normalize(states[:, -1], dim=-1).numpy()  # left padding: the last position is the last token
@@ -151,3 +151,27 @@ def test_lora_merged_checkpoint_reloads_with_plain_transformers(tiny_qwen3_vl_di
     official = _official(saved, TEXTS, images)
     np.testing.assert_allclose(reloaded.encode_multimodal(TEXTS, images), official, atol=1e-4)
     assert np.max(np.abs(official - _official(tiny_qwen3_vl_dir, TEXTS, images))) > 1e-3  # LoRA was merged
+
+
+def test_saved_instructions_apply_to_queries_and_documents_in_evaluation(tiny_qwen3_embedding_dir, tmp_path):
+    from vembed.data.batching import build_batch
+    from vembed.evaluation.evalset import EvalSet
+    from vembed.evaluation.evaluator import encode_eval_set
+
+    task = "Given a caption, retrieve the matching caption"
+    config = {"model_name": str(tiny_qwen3_embedding_dir), "query_instruction": task, "max_text_length": 64}
+    saved = EmbeddingModel.from_config(config).save_pretrained(tmp_path / "ckpt")
+    predictor = VEmbedFactoryPredictor(saved, device="cpu")
+    assert (predictor.preprocessor.query_instruction, predictor.preprocessor.max_text_length) == (task, 64)
+    evalset = EvalSet("t2t", TEXTS, None, [[TEXTS[1]], [TEXTS[0]]], [TEXTS[1], TEXTS[0]], None, 2, "inline")
+    queries, candidates = encode_eval_set(predictor, evalset)
+    reference = _qwen3_embedding_reference(
+        tiny_qwen3_embedding_dir, [f"Instruct: {task}\nQuery:{t}" for t in TEXTS] + [TEXTS[1], TEXTS[0]], 64
+    )
+    np.testing.assert_allclose(np.concatenate([queries, candidates]), reference, atol=1e-4)
+    # the training batch of the same config instructs queries only, as the Predictor does
+    batch, _ = build_batch([{"query": TEXTS[0], "positive": TEXTS[1]}], predictor.preprocessor, "t2t")
+    with torch.no_grad():
+        out = predictor.model(**{k: torch.as_tensor(v) for k, v in batch.items()})
+    np.testing.assert_allclose(out["query"].numpy()[0], queries[0], atol=1e-5)
+    np.testing.assert_allclose(out["positive"].numpy()[0], candidates[0], atol=1e-5)  # TEXTS[1], raw
