@@ -4,13 +4,16 @@ GradCache, and the seed guide's LoRA recipe learning a held-out retrieval task."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
+from vembed.config import load_config_file
 from vembed.data.collators import DefaultCollator
+from vembed.data.processing import Preprocessor
 from vembed.losses.factory import LossFactory
 from vembed.model import EmbeddingModel, apply_lora
 from vembed.testing import make_shapes_dataset
@@ -18,8 +21,11 @@ from vembed.testing.synthetic import MODES
 from vembed.training.grad_cache import GradCache, split_batch
 from vembed.training.model_builder import build_model, load_processor
 from vembed.training.optimizer_builder import build_optimizer
+from vembed.training.worker import build_training_model
 
 pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _lora_layers(model):
@@ -139,3 +145,46 @@ def test_grad_cache_chunks_by_item_and_equals_the_full_batch(tiny_qwen3_vl_dir, 
     criterion(checkpointed(**batch), batch).backward()
     for name, grad in _grads(checkpointed).items():
         torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------------ presets
+@pytest.mark.parametrize(
+    "preset, model_fixture, mode",
+    [
+        ("train_qwen3_vl_t2i_lora.yaml", "tiny_qwen3_vl_dir", "t2i"),
+        ("train_qwen3_vl_t2i_lora_fsdp.yaml", "tiny_qwen3_vl_dir", "t2i"),
+        ("train_qwen3_embedding_t2t.yaml", "tiny_qwen3_embedding_dir", "t2t"),
+    ],
+)
+def test_presets_load_and_train_a_step_on_a_local_model(preset, model_fixture, mode, request, tmp_path):
+    model_dir = request.getfixturevalue(model_fixture)
+    data = make_shapes_dataset(tmp_path / "data", num_train=4, num_val=0, num_test=0, mode=mode, seed=2)
+    cfg = load_config_file(
+        REPO / "configs" / preset,
+        [
+            f"model_name={model_dir}",
+            f"data_path={data['train']}",
+            f"output_dir={tmp_path / 'out'}",
+            "image_max_pixels=16384",
+            "max_text_length=256",
+            "use_gpu=false",
+            "mixed_precision=no",
+        ],
+    )
+    assert cfg.retrieval_mode == mode and cfg.query_instruction
+    model = build_training_model(cfg)  # LoRA and gradient checkpointing as the preset says
+    assert model.family == ("vlm" if "vl" in preset else "text")
+    assert cfg.strategy == ("fsdp" if "fsdp" in preset else "ddp")
+    preprocessor = Preprocessor.from_config(cfg)
+    batch = DefaultCollator(preprocessor, mode="train", retrieval_mode=mode)(
+        [json.loads(line) for line in data["train"].read_text().splitlines()]
+    )
+    instructed = preprocessor.tokenizer.decode(batch["query_input_ids"][0])
+    assert cfg.query_instruction in instructed  # the preset's query instruction reaches the training input
+    criterion = LossFactory.create(cfg)
+    optimizer = build_optimizer(model, cfg, extra_modules=[criterion])
+    model.train()
+    loss = criterion(model(**batch), batch)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)

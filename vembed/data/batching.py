@@ -216,7 +216,11 @@ def _to_vlm_arrays(
 
 
 def _texts(preprocessor: Any, texts: list[str], role: str, text_length: int | None) -> dict[str, np.ndarray]:
-    enc = preprocessor.process_texts(texts)
+    instruction_for = getattr(preprocessor, "instruction_for", None)  # query/document_instruction (Qwen3-Embedding)
+    instruction = instruction_for(role) if instruction_for is not None else None
+    enc = (
+        preprocessor.process_texts(texts, instruction) if instruction is not None else preprocessor.process_texts(texts)
+    )
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     mask = np.asarray(enc["attention_mask"], dtype=np.int64)
     if text_length is not None and ids.shape[1] < text_length:
