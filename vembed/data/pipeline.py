@@ -46,6 +46,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.data.batching import FIXED_TEXT_LENGTH_KEY, BadRecord, build_batch, trim_text_padding
+from vembed.data.ragged import collate_rows, is_vlm_batch
 from vembed.data.readers import RECORD_EXTENSIONS, first_record, parse_record_file, resolve_record_files
 from vembed.data.records import SOURCE_FIELD, RecordSchema
 
@@ -296,7 +297,11 @@ def collate_train_batch(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tens
     """``iter_torch_batches`` collate function: trim shared text padding, then numpy -> torch.
 
     Ray hands out read-only views of its object store; the tensors are copies the training step may modify.
+    VLM rows (ragged per-row tokens, patches and grids) are padded and concatenated by
+    :func:`vembed.data.ragged.collate_rows`.
     """
+    if is_vlm_batch(batch):
+        return collate_rows(batch)
     return {key: torch.tensor(value) for key, value in trim_text_padding(batch).items()}
 
 
