@@ -44,6 +44,20 @@ def test_siglip_text_vectors_do_not_depend_on_the_batch(tiny_siglip_dir):
     assert predictor.preprocessor.text_padding == "max_length"
 
 
+def test_siglip_tokenizer_without_a_mask_attends_to_its_padding(tiny_siglip_dir):
+    """SigLIP's own tokenizer returns input_ids only (``model_input_names == ["input_ids"]``): the released model
+    reads its 64 tokens, padding included, so vembed must not mask the padding either."""
+    predictor = VEmbedFactoryPredictor(tiny_siglip_dir, device="cpu")
+    predictor.preprocessor.tokenizer.model_input_names = ["input_ids"]
+    model = AutoModel.from_pretrained(tiny_siglip_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_siglip_dir)
+    ids = tokenizer([SHORT, LONG], padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.get_text_features(input_ids=ids["input_ids"])
+    reference = F.normalize(out if isinstance(out, torch.Tensor) else out.pooler_output, dim=-1).numpy()
+    np.testing.assert_allclose(predictor.encode_text([SHORT, LONG]), reference, atol=1e-5)
+
+
 def test_siglip_training_rows_keep_their_fixed_length(tiny_siglip_dir, tmp_path):
     """The Ray Data task pads to max_text_length and the worker's collate trims shared padding, except for models
     whose pooling reads a fixed position: their training forward must see what the Predictor sees."""

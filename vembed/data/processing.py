@@ -432,10 +432,13 @@ class Preprocessor:
             return_token_type_ids=False,
             return_tensors="np",
         )
-        return {
-            "input_ids": np.asarray(encoded["input_ids"], dtype=np.int64),
-            "attention_mask": np.asarray(encoded["attention_mask"], dtype=np.int64),
-        }
+        mask = np.asarray(encoded["attention_mask"], dtype=np.int64)
+        if self.text_padding == "max_length" and "attention_mask" not in getattr(
+            self.tokenizer, "model_input_names", ("attention_mask",)
+        ):
+            # a fixed-length model whose tokenizer gives no mask (SigLIP's) was trained attending to its padding
+            mask = np.ones_like(mask)
+        return {"input_ids": np.asarray(encoded["input_ids"], dtype=np.int64), "attention_mask": mask}
 
     def process_conversations(
         self,
