@@ -243,14 +243,22 @@ def pad_text(
     return np.pad(ids, width, constant_values=pad_id), np.pad(mask, width, constant_values=0)
 
 
+#: a ``[B]`` column that Ray Data rows of fixed-length-padded models carry (``text_padding="max_length"``, e.g.
+#: SigLIP, whose pooling reads the last position): :func:`trim_text_padding` then keeps their padding, and drops it
+FIXED_TEXT_LENGTH_KEY = "text_fixed_length"
+
+
 def trim_text_padding(batch: Mapping[str, Any]) -> dict[str, Any]:
     """Drop the token positions that are padding in every row of a batch, for each text role.
 
     Ray Data rows are padded to ``max_text_length`` so all blocks share one shape; trimming in the train worker's
     collate step gives the model the same inputs as padding to the batch's longest text would. Works on numpy
-    arrays and torch tensors, ``[B, L]`` and ``[B, K, L]``, and for left- or right-padded tokenizers.
+    arrays and torch tensors, ``[B, L]`` and ``[B, K, L]``, and for left- or right-padded tokenizers. Rows marked
+    with :data:`FIXED_TEXT_LENGTH_KEY` keep their fixed length (the model's pooling depends on it).
     """
     out = dict(batch)
+    if out.pop(FIXED_TEXT_LENGTH_KEY, None) is not None:
+        return out
     for role in ("query", "positive", "negative"):
         mask = batch.get(f"{role}_attention_mask")
         if mask is None:

@@ -90,7 +90,7 @@ def _check_vlm_files(source: str | Path | None, tokenizer: Any | None, image_pro
 #: text towers whose own pooling reads a fixed position whatever the mask (SigLIP's last position): their texts are
 #: padded to ``max_text_length`` (``padding="max_length"``, as they were trained), so a text's vector never depends
 #: on the other texts of its batch. Keyed by the text config's ``model_type``.
-FIXED_POSITION_TEXT_MODELS = frozenset({"siglip", "siglip2"})
+FIXED_POSITION_TEXT_MODELS = frozenset({"siglip", "siglip2", "siglip_text_model", "siglip2_text_model"})
 #: query formats of instruction-tuned decoder text embedders, keyed by ``model_type`` (Qwen3-Embedding's official
 #: format; documents stay raw text)
 INSTRUCTION_FORMATS: dict[str, str] = {"qwen3": "Instruct: {instruction}\nQuery:{text}"}
@@ -144,7 +144,9 @@ def model_preprocessing(config: Any) -> dict[str, Any]:
     limit = getattr(text_config, "max_position_embeddings", None) if text_config is not None else None
     vlm = config is not None and is_vlm_config(config)
     model_type = getattr(text_config, "model_type", None)
-    fixed = model_type in FIXED_POSITION_TEXT_MODELS
+    fixed = (
+        model_type in FIXED_POSITION_TEXT_MODELS or getattr(config, "model_type", None) in FIXED_POSITION_TEXT_MODELS
+    )
     causal = config is not None and (_is_causal(config) or vlm)
     if (causal or fixed) and limit is not None:
         default_length = limit
@@ -168,6 +170,23 @@ def saved_preprocessing(directory: str | Path) -> dict[str, Any]:
         return {}
     saved = json.loads(path.read_text()).get("preprocessing") or {}
     return {k: v for k, v in saved.items() if k in SETTINGS_KEYS}
+
+
+def resolve_settings(config: Any, chosen: Mapping[str, Any], has_text: bool = True) -> dict[str, Any]:
+    """The full :data:`SETTINGS_KEYS` of a model: ``chosen`` (None = unset) over what its ``config`` decides
+    (:func:`model_preprocessing`); ``max_text_length`` is capped at the text tower's position table."""
+    derived = model_preprocessing(config)
+    out = {key: chosen.get(key) for key in SETTINGS_KEYS}
+    for key in ("text_padding", "instruction_format", "default_instruction"):
+        if out[key] is None:
+            out[key] = derived[key]
+    length = out["max_text_length"] or derived["default_max_text_length"]
+    limit = derived["text_limit"]
+    if has_text and limit is not None and limit < length:
+        logger.info("max_text_length %d capped to the model's %d positions", length, limit)
+        length = limit
+    out["max_text_length"] = length
+    return out
 
 
 class Preprocessor:
@@ -270,29 +289,16 @@ class Preprocessor:
                 f"no tokenizer or image processor found at {text_source!r} / {image_source!r}; a model directory "
                 "needs tokenizer files and/or preprocessor_config.json (save them with the processor's save_pretrained)"
             )
-        derived = model_preprocessing(
-            _load_config(text_source if tokenizer is not None else image_source, trust_remote_code)
-        )
+        config = _load_config(text_source if tokenizer is not None else image_source, trust_remote_code)
+        derived = model_preprocessing(config)
         if derived["image_token_id"] is not None:
             _check_vlm_files(text_source, tokenizer, image_processor)
-        if tokenizer is not None:
-            limit = derived["text_limit"]
-            if max_text_length is None:
-                max_text_length = derived["default_max_text_length"]
-            if limit is not None and limit < max_text_length:
-                logger.info("max_text_length %d capped to the model's %d positions", max_text_length, limit)
-                max_text_length = limit
-        chosen = {k: v for k, v in settings.items() if v is not None}
-        for key in ("text_padding", "instruction_format", "default_instruction"):
-            chosen.setdefault(key, derived[key])
-        return cls(
-            tokenizer,
-            image_processor,
-            max_text_length=max_text_length or DEFAULT_MAX_TEXT_LENGTH,
-            image_size=image_size,
-            image_token_id=derived["image_token_id"],
-            **chosen,
+        chosen = resolve_settings(
+            config,
+            {"max_text_length": max_text_length, "image_size": image_size, **settings},
+            has_text=tokenizer is not None,
         )
+        return cls(tokenizer, image_processor, image_token_id=derived["image_token_id"], **chosen)
 
     @classmethod
     def from_pretrained(

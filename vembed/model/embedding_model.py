@@ -89,6 +89,8 @@ class EmbeddingModel(nn.Module):
                 )
         self.projection_dim = projection_dim
         self.normalize = normalize
+        #: preprocessing settings chosen for this model (config keys / a checkpoint's saved ones), recorded on save
+        self.preprocessing: dict[str, Any] = {}
         self._pooling_method = pooling_method
         self.mrl_dims = [int(d) for d in mrl_dims]
         bad = [d for d in self.mrl_dims if not 0 < d <= self.embedding_dim]
@@ -136,6 +138,7 @@ class EmbeddingModel(nn.Module):
                 mrl_dims=cfg.mrl_dims,
                 pooling_method=cfg.pooling_method,
             )
+        model.preprocessing = _preprocessing_choices(cfg, model.preprocessing)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         return model
@@ -188,7 +191,7 @@ class EmbeddingModel(nn.Module):
         mrl_dims = cfg.mrl_dims if cfg.mrl_dims != defaults.mrl_dims else spec.mrl_dims
         family = load_family(directory, spec, pooling, cfg.torch_dtype, cfg.trust_remote_code)
         heads = load_heads(directory, spec, DTYPES[cfg.torch_dtype])
-        return cls(
+        model = cls(
             family,
             projection_dim=spec.projection_dim,
             normalize=normalize,
@@ -196,6 +199,8 @@ class EmbeddingModel(nn.Module):
             pooling_method=pooling_method,
             heads=heads,
         )
+        model.preprocessing = dict(spec.preprocessing)
+        return model
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -467,6 +472,22 @@ class EmbeddingModel(nn.Module):
             f"family={self.family}, pooling={self.pooling}, embedding_dim={self.embedding_dim}, "
             f"normalize={self.normalize}, mrl_dims={self.mrl_dims}"
         )
+
+
+#: the configuration keys that are preprocessing settings (``vembed.data.processing.SETTINGS_KEYS``)
+PREPROCESSING_CONFIG_KEYS = (
+    "max_text_length",
+    "image_size",
+    "image_min_pixels",
+    "image_max_pixels",
+    "query_instruction",
+    "document_instruction",
+)
+
+
+def _preprocessing_choices(cfg: VEmbedConfig, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved preprocessing settings with the config's set (non-null) keys over them."""
+    return {**saved, **{key: cfg[key] for key in PREPROCESSING_CONFIG_KEYS if cfg[key] is not None}}
 
 
 def _flatten_negative_sequences(

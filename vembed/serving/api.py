@@ -69,6 +69,8 @@ EMBED_IMAGE_BODY = {
                         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                         "dimensions": {"type": "integer", "minimum": 1},
                         "model": {"type": "string"},
+                        "instruction": {"type": "string"},
+                        "instruction_name": {"type": "string"},
                     },
                 }
             },
@@ -109,17 +111,20 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
 
         return await run_in_threadpool(work)
 
-    async def embed_texts(texts: list[str], dimensions: Optional[int], param: str) -> np.ndarray:
+    async def embed_texts(
+        texts: list[str], dimensions: Optional[int], param: str, instruction: Optional[str]
+    ) -> np.ndarray:
         check_item_count(len(texts), args, param)
         check_texts(texts, args, param)
         service.count_tokens(texts, param)
-        return await service.embed_texts(texts, dimensions)
+        return await service.embed_texts(texts, dimensions, instruction)
 
     @api.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["OpenAI"])
     async def create_embeddings(body: EmbeddingsRequest) -> EmbeddingsResponse:
         """Embed texts and images (``{"type": "image", "image": "<data URL or base64>"}``) in one list."""
         check_model(body.model, service.model_name)
         dimensions = service.check_dimensions(body.dimensions)
+        instruction = service.resolve_instruction(body.instruction, body.instruction_name)
         items = [body.input] if isinstance(body.input, str) else body.input
         check_item_count(len(items), args, "input")
         text_idx = [i for i, item in enumerate(items) if isinstance(item, str)]
@@ -130,8 +135,8 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
         images = await decode_images([items[i].image for i in image_idx], [f"input[{i}].image" for i in image_idx])
         vectors = np.empty((len(items), service.output_dim(dimensions)), dtype=np.float32)
         text_vecs, image_vecs = await asyncio.gather(
-            service.embed_texts(texts, dimensions) if texts else _nothing(),
-            service.embed_images(images, dimensions) if images else _nothing(),
+            service.embed_texts(texts, dimensions, instruction) if texts else _nothing(),
+            service.embed_images(images, dimensions, instruction) if images else _nothing(),
         )
         if texts:
             vectors[text_idx] = text_vecs
@@ -150,8 +155,9 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
         """Embed one text or a list of texts."""
         check_model(body.model, service.model_name)
         dimensions = service.check_dimensions(body.dimensions)
+        instruction = service.resolve_instruction(body.instruction, body.instruction_name)
         texts = [body.texts] if isinstance(body.texts, str) else body.texts
-        vectors = await embed_texts(texts, dimensions, "texts")
+        vectors = await embed_texts(texts, dimensions, "texts", instruction)
         return EmbedResponse(model=service.model_name, dimensions=vectors.shape[1], embeddings=vectors.tolist())
 
     @api.post("/embed/image", response_model=EmbedResponse, tags=["embed"], openapi_extra=EMBED_IMAGE_BODY)
@@ -163,6 +169,10 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
                 files = [f for f in form.getlist("files") if not isinstance(f, str)]
                 model, dimensions = form.get("model"), _form_int(form.get("dimensions"), "dimensions")
                 check_model(model if isinstance(model, str) else None, service.model_name)
+                instruction = service.resolve_instruction(
+                    _form_str(form.get("instruction"), "instruction"),
+                    _form_str(form.get("instruction_name"), "instruction_name"),
+                )
                 check_item_count(len(files), args, "files")
                 sources = [await f.read(args.max_image_bytes + 1) for f in files]
             params = [f"files[{i}]" for i in range(len(sources))]
@@ -173,6 +183,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
                 raise validation_error(exc.errors()) from None
             check_model(body.model, service.model_name)
             dimensions = body.dimensions
+            instruction = service.resolve_instruction(body.instruction, body.instruction_name)
             sources = [body.images] if isinstance(body.images, str) else body.images
             check_item_count(len(sources), args, "images")
             params = [f"images[{i}]" for i in range(len(sources))]
@@ -181,7 +192,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
                 415, f"content type {content_type!r}: send application/json or multipart/form-data", code="invalid_body"
             )
         dimensions = service.check_dimensions(dimensions)
-        vectors = await service.embed_images(await decode_images(sources, params), dimensions)
+        vectors = await service.embed_images(await decode_images(sources, params), dimensions, instruction)
         return EmbedResponse(model=service.model_name, dimensions=vectors.shape[1], embeddings=vectors.tolist())
 
     @api.post("/similarity", response_model=SimilarityResponse, tags=["embed"])
@@ -189,6 +200,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
         """Cosine similarity of a query (text, image, or both for composed models) to each document."""
         check_model(body.model, service.model_name)
         dimensions = service.check_dimensions(body.dimensions)
+        instruction = service.resolve_instruction(body.instruction, body.instruction_name)
         if body.query_text is None and body.query_image is None:
             raise APIError(400, "send query_text, query_image or both", param="query_text", code="empty_input")
         docs = body.documents
@@ -217,6 +229,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
             documents=documents,
             document_type=document_type,
             dimension=dimensions,
+            instruction=instruction,
         )
         return SimilarityResponse(model=service.model_name, scores=[float(s) for s in scores])
 
@@ -262,6 +275,14 @@ def _encode_vector(vector: np.ndarray, encoding_format: str) -> Union[list[float
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     return vector.tolist()
+
+
+def _form_str(value: object, param: str) -> Optional[str]:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    raise APIError(400, f"{param} must be a text field, got a file", param=param, code="invalid_value")
 
 
 def _form_int(value: object, param: str) -> Optional[int]:
