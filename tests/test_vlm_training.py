@@ -169,6 +169,7 @@ def test_presets_load_and_train_a_step_on_a_local_model(preset, model_fixture, m
             "max_text_length=256",
             "use_gpu=false",
             "mixed_precision=no",
+            "mrl_dims=[16,32]",  # the tiny decoders are 64 wide
         ],
     )
     assert cfg.retrieval_mode == mode and cfg.query_instruction
