@@ -28,8 +28,8 @@ def _reference(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.T
     rows = []
     for b in range(hidden.shape[0]):
         real = [t for t in range(hidden.shape[1]) if mask[b, t] == 1]
-        if method == "cls":
-            rows.append(hidden[b, 0])
+        if method == "cls":  # the first real token (the [CLS] a left-padding tokenizer puts after the pads)
+            rows.append(hidden[b, min(real)])
         elif method == "mean":
             total = torch.zeros(hidden.shape[2])
             for t in real:
@@ -55,6 +55,14 @@ def test_last_pooling_finds_last_real_token_on_both_sides() -> None:
     # row 1 has 3 real tokens: index 2 with right padding, index 4 with left padding
     assert torch.equal(pool(hidden, masks["right"], "last")[1], hidden[1, 2])
     assert torch.equal(pool(hidden, masks["left"], "last")[1], hidden[1, 4])
+
+
+def test_cls_pooling_skips_left_padding() -> None:
+    hidden, masks = _states_and_masks()
+    # row 2 has one real token: index 0 with right padding, index 4 (after four pads) with left padding
+    assert torch.equal(pool(hidden, masks["right"], "cls")[2], hidden[2, 0])
+    assert torch.equal(pool(hidden, masks["left"], "cls")[2], hidden[2, 4])
+    assert torch.equal(pool(hidden, masks["left"], "cls")[1], hidden[1, 2])
 
 
 def test_pool_without_mask_uses_every_token() -> None:

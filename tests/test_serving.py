@@ -294,6 +294,8 @@ def _bad_requests(image: bytes) -> list[tuple[str, dict, int, str]]:
         ("wrong content type", {"url": "/embed/image", "content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "invalid_body"),
         ("mixed documents", {"url": "/similarity", "json": {"query_text": "x", "documents": ["a", {"type": "image", "image": b64(image).decode()}]}}, 400, "invalid_value"),
         ("no query", {"url": "/similarity", "json": {"documents": ["a"]}}, 400, "empty_input"),
+        ("instruction for a model without", {"url": "/embed/text", "json": {"texts": "a", "instruction": "Find it"}}, 400, "unsupported_input"),
+        ("unknown instruction preset", {"url": emb, "json": {**ok, "input": "x", "instruction_name": "nope"}}, 400, "invalid_value"),
         ("body too large", {"url": emb, "json": {**ok, "input": ["x" * 1000] * 1100}}, 413, "request_too_large"),
         ("missing API key", {"url": emb, "json": {**ok, "input": "x"}, "headers": {"Authorization": ""}}, 401, "missing_api_key"),
         ("wrong API key", {"url": emb, "json": {**ok, "input": "x"}, "headers": {"Authorization": "Bearer nope"}}, 401, "invalid_api_key"),

@@ -72,7 +72,9 @@ def _reference_step(cfg, data, steps=1):
     optimizer = build_optimizer(model, cfg, extra_modules=[criterion])
     dataset = VisualRetrievalDataset(data["train"], load_processor(cfg.model_name), retrieval_mode=cfg.retrieval_mode)
     (batch,) = DataLoader(dataset, batch_size=len(dataset), collate_fn=dataset.collator())
-    if cfg.retrieval_mode == "t2i":
+    if "negative_image_grid_thw" in batch:  # vlm: negatives are sequences [B, K, L] with flat patches
+        assert batch["negative_input_ids"].shape[:2] == (8, 1) and batch["negative_image_grid_thw"].shape[0] == 8
+    elif cfg.retrieval_mode == "t2i":
         assert batch["negative_pixel_values"].shape[:2] == (8, 1)
     for step in range(steps):
         loss = criterion(model(**batch), batch)
@@ -86,9 +88,17 @@ def _reference_step(cfg, data, steps=1):
     return model, criterion
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_workers_take_the_same_step_as_one_process(strategy, ray_local, tiny_clip_dir, one_batch, tmp_path):
-    cfg = _config(tiny_clip_dir, one_batch, tmp_path, strategy=strategy)
+@pytest.mark.parametrize(
+    "strategy, model_fixture",
+    [("ddp", "tiny_clip_dir"), ("fsdp", "tiny_clip_dir"), ("ddp", "tiny_qwen3_vl_dir"), ("fsdp", "tiny_qwen3_vl_dir")],
+)
+def test_two_workers_take_the_same_step_as_one_process(
+    strategy, model_fixture, request, ray_local, one_batch, tmp_path
+):
+    """The Qwen3-VL runs also cover the VLM's Ray Data rows (ragged patches collated in the worker, against the
+    in-process collator of the reference) and FSDP2 units for its decoder layers and vision blocks."""
+    model_dir = request.getfixturevalue(model_fixture)
+    cfg = _config(model_dir, one_batch, tmp_path, strategy=strategy)
     result = run_training(cfg)
     assert result.error is None
     assert result.metrics["world_size"] == 2 and result.metrics["step"] == 1
@@ -96,6 +106,7 @@ def test_two_workers_take_the_same_step_as_one_process(strategy, ray_local, tiny
 
     reference, reference_loss = _reference_step(cfg, one_batch)
     trained = EmbeddingModel.from_pretrained(tmp_path / "out" / "checkpoint-epoch-1")
+    assert trained.family == ("vlm" if model_fixture == "tiny_qwen3_vl_dir" else "dual")
     start = build_model(cfg).state_dict()
     ref_state, got_state = reference.state_dict(), trained.state_dict()
     moved = max(float((ref_state[k] - start[k]).abs().max()) for k in ref_state)

@@ -43,7 +43,7 @@ class VEmbedConfig:
 
     # model
     model_name: Optional[str]
-    model_family: Literal["auto", "dual", "composed", "text", "image"]
+    model_family: Literal["auto", "dual", "composed", "text", "image", "vlm"]
     text_model_name: Optional[str]
     image_model_name: Optional[str]
     pooling_method: Literal["auto", "cls", "mean", "last", "none"]
@@ -61,14 +61,19 @@ class VEmbedConfig:
     lora_dropout: float
     lora_target_modules: list[str]
     lora_save_mode: Literal["merged", "adapter"]
+    lora_vision_tower: bool
     # data
     data_path: Optional[str]
     val_data_path: Optional[str]
     image_root: Optional[str]
     retrieval_mode: Literal["t2i", "i2i", "i2t", "t2t", "m2i", "m2t"]
     column_mapping: dict[str, str]
-    max_text_length: int
+    max_text_length: Optional[int]
     image_size: Optional[int]
+    image_min_pixels: Optional[int]
+    image_max_pixels: Optional[int]
+    query_instruction: Optional[str]
+    document_instruction: Optional[str]
     on_bad_record: Literal["skip", "fail"]
     shuffle: bool
     shuffle_seed: Optional[int]
@@ -305,7 +310,21 @@ def _build(values: Mapping[str, Any], sources: Mapping[str, str]) -> VEmbedConfi
             "supported: vembed's FSDP2 path has no loss scaling, so fp16 gradients would underflow; use "
             "mixed_precision: bf16 (or no), or strategy: ddp for fp16"
         )
+    _check_preprocessing(typed, sources)
     return VEmbedConfig(**typed)
+
+
+def _check_preprocessing(typed: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Text length, image size and pixel bounds are positive; the pixel bounds are ordered."""
+    for key in ("max_text_length", "image_size", "image_min_pixels", "image_max_pixels"):
+        if typed[key] is not None and typed[key] < 1:
+            raise ConfigError(f"{key}={typed[key]} ({sources.get(key, 'config')}): give a positive number or null")
+    low, high = typed["image_min_pixels"], typed["image_max_pixels"]
+    if low is not None and high is not None and low > high:
+        raise ConfigError(
+            f"image_min_pixels={low} is above image_max_pixels={high} "
+            f"({sources.get('image_min_pixels', 'config')}); the lower bound must not exceed the upper one"
+        )
 
 
 def load_base_config() -> VEmbedConfig:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -54,7 +54,8 @@ class VEmbedFactoryPredictor:
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` compute dtype (outputs are always float32).
         pooling_method: override the checkpoint's pooling (``"cls"``, ``"mean"``, ``"last"``); ``None`` keeps it.
         dimension: default Matryoshka dimension for every call (truncate + re-normalise); ``None`` = full size.
-        max_text_length: tokens per text (``None``: the model's configured length).
+        max_text_length: tokens per input (``None``: the checkpoint's saved length, else the model's default: 77 for
+            encoders, its own limit for decoders, VLMs and SigLIP).
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class VEmbedFactoryPredictor:
         overrides = {"pooling_method": pooling_method} if pooling_method else {}
         self.model = EmbeddingModel.from_pretrained(self.model_path, **overrides)
         self.model.to(device=self.device, dtype=self.dtype).eval()
-        self.preprocessor = Preprocessor.from_pretrained(self.model_path, max_text_length=max_text_length or 77)
+        self.preprocessor = Preprocessor.from_pretrained(self.model_path, max_text_length=max_text_length)
         self.dimension = self._check_dimension(dimension if dimension is not None else mrl_dim)
 
     @classmethod
@@ -136,11 +137,16 @@ class VEmbedFactoryPredictor:
         batch_size: int = 32,
         dimension: int | None = None,
         max_vectors: int | None = None,
+        instruction: str | None = None,
     ) -> Embedded:
         """Texts -> ``(D,)`` for one string, ``(N, D)`` for a list. Batches are sorted by length for speed.
 
         Multi-vector models: one ``[L_i, D]`` array per text (a list for a list), pruned to at most ``max_vectors``
         vectors when given (:func:`prune_vectors`).
+
+        ``instruction``: for models that take one (a VLM's system message; Qwen3-Embedding's
+        ``Instruct: {instruction}\nQuery:{text}`` queries); None is the model's default (a VLM's "Represent the
+        user's input.", raw text otherwise). A ValueError for a model that takes no instruction.
         """
         single = isinstance(texts, str)
         items = [texts] if single else list(self._check_list(texts, "texts"))
@@ -151,12 +157,17 @@ class VEmbedFactoryPredictor:
                 raise ValueError(f"texts[{i}] is empty; every text needs at least one non-space character")
         self._check_batch_size(batch_size)
         self._check_max_vectors(max_vectors)
+        self.preprocessor.check_instruction(instruction)
         order = sorted(range(len(items)), key=lambda i: len(items[i]), reverse=True)
         out = self._output(len(items), dimension)
         for start in range(0, len(items), batch_size):
             idx = order[start : start + batch_size]
-            tokens = self.preprocessor.process_texts([items[i] for i in idx])
-            _place(out, idx, self.encode_tokens(tokens["input_ids"], tokens["attention_mask"], dimension, max_vectors))
+            tokens = self.preprocessor.process_texts([items[i] for i in idx], instruction)
+            if self.preprocessor.is_vlm:
+                encoded = self.encode_sequences(tokens, dimension, max_vectors)
+            else:
+                encoded = self.encode_tokens(tokens["input_ids"], tokens["attention_mask"], dimension, max_vectors)
+            _place(out, idx, encoded)
         return out[0] if single else out
 
     def encode_image(
@@ -165,21 +176,29 @@ class VEmbedFactoryPredictor:
         batch_size: int = 32,
         dimension: int | None = None,
         max_vectors: int | None = None,
+        instruction: str | None = None,
     ) -> Embedded:
         """Images (paths, PIL images or encoded bytes) -> ``(D,)`` for one image, ``(N, D)`` for a list.
 
         Multi-vector models: one ``[L_i, D]`` array per image (its patch vectors), at most ``max_vectors`` each.
+        ``instruction``: a VLM's system message (None: its default); a ValueError for models without one.
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(self._check_list(images, "images"))
         self._check_batch_size(batch_size)
         self._check_max_vectors(max_vectors)
+        self.preprocessor.check_instruction(instruction)
         out = self._output(len(items), dimension)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             pil = [self._load(img, f"images[{start + j}]") for j, img in enumerate(chunk)]
-            pixels = self.preprocessor.process_images(pil)
-            _place(out, range(start, start + len(chunk)), self.encode_pixel_values(pixels, dimension, max_vectors))
+            if self.preprocessor.is_vlm:
+                batch = self.preprocessor.process_conversations(None, pil, instruction)
+                encoded = self.encode_sequences(batch, dimension, max_vectors)
+            else:
+                pixels = self.preprocessor.process_images(pil)
+                encoded = self.encode_pixel_values(pixels, dimension, max_vectors)
+            _place(out, range(start, start + len(chunk)), encoded)
         return out[0] if single else out
 
     def encode_multimodal(
@@ -188,8 +207,10 @@ class VEmbedFactoryPredictor:
         images: ImageInput | Sequence[ImageInput],
         dimension: int | None = None,
         max_vectors: int | None = None,
+        instruction: str | None = None,
     ) -> Embedded:
-        """Composed queries (image + text, e.g. "the same shape in blue"), fused by the model's ``encode``.
+        """Composed queries (image + text, e.g. "the same shape in blue"), fused by the model's ``encode``; a VLM
+        embeds each pair as one sequence (the image, then the text), with ``instruction`` as its system message.
 
         Multi-vector models: the text's and the image's vectors together, one ``[L_i, D]`` array per query.
         """
@@ -199,7 +220,13 @@ class VEmbedFactoryPredictor:
         image_list = [images] if single else list(self._check_list(images, "images"))
         if len(text_list) != len(image_list):
             raise ValueError(f"encode_multimodal got {len(text_list)} texts but {len(image_list)} images")
-        tokens = self.preprocessor.process_texts(text_list)
+        self.preprocessor.check_instruction(instruction)
+        if self.preprocessor.is_vlm:
+            pil = [self._load(x, f"images[{i}]") for i, x in enumerate(image_list)]
+            batch = self.preprocessor.process_conversations(text_list, pil, instruction)
+            out = self.encode_sequences(batch, dimension, max_vectors)
+            return out[0] if single else out
+        tokens = self.preprocessor.process_texts(text_list, instruction)
         pixels = self.preprocessor.process_images([self._load(x, f"images[{i}]") for i, x in enumerate(image_list)])
         with torch.inference_mode():
             emb = self.model.encode(
@@ -217,6 +244,7 @@ class VEmbedFactoryPredictor:
         query_image: ImageInput | None = None,
         document_type: str = "auto",
         dimension: int | None = None,
+        instruction: str | None = None,
     ) -> np.ndarray:
         """Cosine similarity of one query (text, image, or both) to each document -> ``(N,)``.
 
@@ -224,7 +252,8 @@ class VEmbedFactoryPredictor:
         cosine with a document vector, summed over the query's vectors.
 
         ``document_type="auto"`` treats PIL images, bytes and existing files with an image extension as images and
-        everything else as text; pass ``"text"`` or ``"image"`` to say it explicitly.
+        everything else as text; pass ``"text"`` or ``"image"`` to say it explicitly. ``instruction`` applies to the
+        query; documents get the model's default (a VLM's default system message, raw text otherwise).
         """
         if query_text is None and query_image is None:
             raise ValueError("similarity needs query_text, query_image or both")
@@ -232,11 +261,11 @@ class VEmbedFactoryPredictor:
         if document_type not in ("auto", "text", "image"):
             raise ValueError(f"document_type={document_type!r}; use 'auto', 'text' or 'image'")
         if query_text is not None and query_image is not None:
-            query = self.encode_multimodal(query_text, query_image, dimension)
+            query = self.encode_multimodal(query_text, query_image, dimension, instruction=instruction)
         elif query_text is not None:
-            query = self.encode_text(query_text, dimension=dimension)
+            query = self.encode_text(query_text, dimension=dimension, instruction=instruction)
         else:
-            query = self.encode_image(query_image, dimension=dimension)
+            query = self.encode_image(query_image, dimension=dimension, instruction=instruction)
         is_image = [document_type == "image" or (document_type == "auto" and self._looks_like_image(d)) for d in docs]
         if self.multi_vector:
             doc_vectors: list[Any] = [None] * len(docs)
@@ -264,6 +293,23 @@ class VEmbedFactoryPredictor:
                 torch.as_tensor(np.asarray(input_ids), device=self.device),
                 torch.as_tensor(np.asarray(attention_mask), device=self.device),
             )
+        return self._finish(emb, dimension, max_vectors)
+
+    def encode_sequences(
+        self, batch: Mapping[str, Any], dimension: int | None = None, max_vectors: int | None = None
+    ) -> Embedded:
+        """A vision-language batch (``preprocessor.process_conversations``: ``input_ids``, ``attention_mask``,
+        ``mm_token_type_ids`` and optional ``pixel_values`` / ``image_grid_thw``) -> ``[N, D]`` float32."""
+        tensors = {}
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+            if batch.get(key) is not None:
+                tensors[key] = torch.as_tensor(np.asarray(batch[key]), device=self.device)
+        if batch.get("pixel_values") is not None:
+            tensors["pixel_values"] = torch.as_tensor(
+                np.asarray(batch["pixel_values"]), device=self.device, dtype=self.dtype
+            )
+        with torch.inference_mode():
+            emb = self.model.encode(**tensors)
         return self._finish(emb, dimension, max_vectors)
 
     def encode_pixel_values(

@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="most image decode workers, 1 CPU each (default: the CPUs the model actors leave free)",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model compute dtype")
+    parser.add_argument(
+        "--instruction",
+        default=None,
+        help="instruction for models that take one (a VLM's system message, Qwen3-Embedding's query task; "
+        "default: the model's own)",
+    )
     parser.add_argument("--dim", type=positive_int, default=None, help="Matryoshka dimension (default: full size)")
     parser.add_argument("--format", choices=FORMATS, default="float32", help="stored embedding dtype")
     parser.add_argument("--overwrite", action="store_true", help="delete earlier output in --output and start over")
@@ -69,7 +75,13 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_source(args.model)  # a missing model directory fails before torch, Ray and the corpus scan
     from vembed.batch.job import embed_corpus
+    from vembed.batch.pipeline import check_instruction
+    from vembed.clierrors import UserError
 
+    try:
+        check_instruction(args.model, args.instruction)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(f"--instruction: {exc}") from exc
     summary = embed_corpus(
         model_path=args.model,
         input=args.input,
@@ -90,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         format=args.format,
         overwrite=args.overwrite,
         fail_after_shards=args.fail_after_shards,
+        instruction=args.instruction,
     )
     print(json.dumps(summary, indent=2))
     return 0

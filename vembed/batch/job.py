@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from vembed.batch.options import DTYPES, FORMATS, MODALITIES
-from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset
+from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset, check_instruction
 from vembed.batch.shards import Shard, ShardAssembler, plan_shards
 from vembed.batch.sources import Corpus, load_corpus
 from vembed.batch.writer import EMBEDDINGS_DIR, ERRORS_DIR, OutputStore, embeddings_table, errors_table
@@ -60,6 +60,7 @@ def embed_corpus(
     format: str = "float32",
     overwrite: bool = False,
     fail_after_shards: int | None = None,
+    instruction: str | None = None,
 ) -> dict[str, Any]:
     """Embed every item of ``input`` with the model at ``model_path`` into Parquet shards under ``output``.
 
@@ -81,6 +82,8 @@ def embed_corpus(
             same job resumes (completed shards are skipped) and a different job in ``output`` is refused.
         fail_after_shards: fault injection for tests: the driver kills itself (SIGKILL) after writing this many
             shards.
+        instruction: for models that take one (a VLM's system message, Qwen3-Embedding's query task); None: the
+            model's default. A ValueError before anything runs for a model without instructions.
 
     Returns:
         A summary: totals over the output (``items``, ``embedded``, ``errors``, ``shards``), this run's
@@ -94,6 +97,7 @@ def embed_corpus(
     corpus = load_corpus(input, modality, id_column, source_column, image_root)  # type: ignore[arg-type]
     shards = plan_shards(len(corpus), shard_size)
     model = describe_model(model_path)
+    check_instruction(model["model_path"], instruction)
     job = {
         "input": corpus.origin,
         "modality": modality,
@@ -108,6 +112,7 @@ def embed_corpus(
         "dtype": dtype,
         "dim": dim,
         "format": format,
+        **({"instruction": instruction} if instruction is not None else {}),
     }
     store = OutputStore(output)
     done = store.open(job, overwrite)  # refuses a folder holding a different job
@@ -121,7 +126,7 @@ def embed_corpus(
             num_actors, min_actors, max_actors, num_gpus_per_actor, max_decoders, _cluster_resources()
         )
         dataset = build_dataset(
-            _pending_items(corpus, pending), modality, model["model_path"], pool, batch_size, dtype, dim
+            _pending_items(corpus, pending), modality, model["model_path"], pool, batch_size, dtype, dim, instruction
         )
         progress = _write_shards(dataset, store, pending, shard_size, format, fail_after_shards)
 

@@ -61,7 +61,11 @@ class Decoder:
         from vembed.data.processing import Preprocessor
 
         self.preprocessor = Preprocessor.from_pretrained(model_path)
-        self.pixel_shape = self.preprocessor.process_images([Image.new("RGB", (8, 8))]).shape[1:]
+        # a VLM's image becomes a ragged run of patches inside a token sequence that the Embedder's Predictor builds
+        # (one implementation): decoders hand it the decoded RGB array instead of fixed-shape pixels
+        self.pixel_shape = None
+        if not self.preprocessor.is_vlm:
+            self.pixel_shape = self.preprocessor.process_images([Image.new("RGB", (8, 8))]).shape[1:]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sources = batch["source"]
@@ -78,10 +82,26 @@ class Decoder:
                 errors[i] = f"{type(exc).__name__}: {exc}"
                 continue
             good.append(i)
+        if self.pixel_shape is None:
+            decoded = np.empty(len(sources), dtype=object)
+            for i in range(len(sources)):
+                decoded[i] = np.zeros((1, 1, 3), dtype=np.uint8)
+            for i, image in zip(good, images, strict=True):
+                decoded[i] = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return {**_carried(batch), "error": errors, "image": decoded}
         pixel_values = np.zeros((len(sources), *self.pixel_shape), dtype=np.float32)
         if images:
             pixel_values[good] = self.preprocessor.process_images(images)
         return {**_carried(batch), "error": errors, "pixel_values": pixel_values}
+
+
+def check_instruction(model_path: str, instruction: str | None) -> None:
+    """Before a job starts: a ValueError when ``instruction`` is given for a model that takes none."""
+    if instruction is None:
+        return
+    from vembed.data.processing import Preprocessor
+
+    Preprocessor.from_pretrained(model_path).check_instruction(instruction)
 
 
 def check_texts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -103,12 +123,16 @@ class Embedder:
     (:func:`vembed.batch.writer.pack_vectors`), which the writer turns into Parquet lists.
     """
 
-    def __init__(self, model_path: str, modality: str, dtype: str, dim: int | None, use_gpu: bool) -> None:
+    def __init__(
+        self, model_path: str, modality: str, dtype: str, dim: int | None, use_gpu: bool, instruction: str | None = None
+    ) -> None:
         from vembed.inference import VEmbedFactoryPredictor
 
         self.modality = modality
         self.dim = dim
         self.predictor = VEmbedFactoryPredictor(model_path, device="cuda" if use_gpu else "cpu", dtype=dtype)
+        self.predictor.preprocessor.check_instruction(instruction)
+        self.instruction = instruction
         self.out_dim = dim or self.predictor.embedding_dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -118,13 +142,17 @@ class Embedder:
         if not multi:
             vectors = np.zeros((len(batch["id"]), self.out_dim), dtype=np.float32)
         if len(good):
-            if self.modality == "image":
+            instructed = {"instruction": self.instruction} if self.instruction is not None else {}
+            if self.modality == "image" and "image" in batch:  # a VLM: decoded images, preprocessed here
+                images = [Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)) for i in good]
+                encoded = self.predictor.encode_image(images, batch_size=len(images), dimension=self.dim, **instructed)
+            elif self.modality == "image":
                 pixels = batch["pixel_values"]
                 pixels = pixels if len(good) == len(pixels) else pixels[good]  # no copy in the common case
                 encoded = self.predictor.encode_pixel_values(pixels, dimension=self.dim)
             else:
                 texts = [str(t) for t in batch["source"][good]]
-                encoded = self.predictor.encode_text(texts, batch_size=len(texts), dimension=self.dim)
+                encoded = self.predictor.encode_text(texts, batch_size=len(texts), dimension=self.dim, **instructed)
             if multi:
                 for row, i in zip(encoded, good, strict=True):
                     vectors[i] = row
@@ -144,8 +172,10 @@ def build_dataset(
     batch_size: int,
     dtype: str,
     dim: int | None,
+    instruction: str | None = None,
 ) -> Any:
-    """The streaming dataset of embedded rows for ``items`` (columns ``position``, ``id``, ``source``)."""
+    """The streaming dataset of embedded rows for ``items`` (columns ``position``, ``id``, ``source``);
+    ``instruction`` goes to the Predictor (models that take one)."""
     import ray
 
     # One input block per model batch, so decoding spreads over the decode workers from the first row.
@@ -170,6 +200,7 @@ def build_dataset(
             "dtype": dtype,
             "dim": dim,
             "use_gpu": pool.num_gpus > 0,
+            "instruction": instruction,
         },
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         batch_size=batch_size,

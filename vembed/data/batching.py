@@ -8,7 +8,11 @@
     negative_pixel_values                     float32 [B, K, 3, H, W]  image negatives
     labels                                    int64   [B]              when the records carry labels
 
-A multimodal query (m2i, m2t) has both ``query_input_ids`` and ``query_pixel_values``. A *bad record* (an empty
+A multimodal query (m2i, m2t) has both ``query_input_ids`` and ``query_pixel_values``. A vision-language model
+(``preprocessor.is_vlm``) gets the VLM batch format instead (every item one chat sequence: ``{role}_input_ids``,
+``_attention_mask``, ``_mm_token_type_ids`` ``[B, L]`` / negatives ``[B, K, L]``, flat ``{role}_pixel_values
+[sum P, C]`` and ``{role}_image_grid_thw [N, 3]``); for Ray Data (``pad_to_max_length``) its rows are per-row ragged
+arrays (:mod:`vembed.data.ragged`). A *bad record* (an empty
 text, an image that is missing or not decodable) is dropped and reported under ``on_bad_record="skip"`` -- never
 replaced by a blank image -- and raises :class:`BadRecordError` naming the record and the file under ``"fail"``.
 """
@@ -23,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vembed.data.images import decode_image, read_bytes
+from vembed.data.ragged import to_rows
 from vembed.data.records import SOURCE_FIELD, RecordSchema, normalize_records, role_modalities
 
 logger = logging.getLogger(__name__)
@@ -106,6 +111,9 @@ def build_batch(
             bad.append(BadRecord(record_id, source, str(exc)))
     if not loaded:
         return {}, bad
+    if getattr(preprocessor, "is_vlm", False):
+        batch = _to_vlm_arrays(loaded, roles, preprocessor)
+        return (to_rows(batch, len(loaded)) if pad_to_max_length else batch), bad
     text_length = preprocessor.max_text_length if pad_to_max_length else None
     return _to_arrays(loaded, roles, preprocessor, text_length), bad
 
@@ -170,8 +178,49 @@ def _to_arrays(
     return batch
 
 
+def _to_vlm_arrays(
+    loaded: Sequence[_Loaded], roles: Mapping[str, frozenset[str]], preprocessor: Any
+) -> dict[str, np.ndarray]:
+    """A vision-language model's batch: every role's items (text, image, or image + text) as conversations, one
+    sequence each (:meth:`~vembed.data.processing.Preprocessor.process_conversations`), with the role's
+    instruction. Negatives are flattened item-major (record ``b``'s ``K`` negatives are items ``b*K .. b*K+K-1``):
+    tokens ``[B, K, L]``, patches and grids flat in that order."""
+    batch: dict[str, np.ndarray] = {}
+    size = len(loaded)
+    num_negatives = len(loaded[0].negative_texts) + len(loaded[0].negative_images)
+    text_positive = "text" in roles["positive"]
+    parts = {
+        "query": (
+            [r.query_text for r in loaded] if "text" in roles["query"] else None,
+            [r.query_image for r in loaded] if "image" in roles["query"] else None,
+        ),
+        "positive": (
+            [r.positive_text for r in loaded] if text_positive else None,
+            None if text_positive else [r.positive_image for r in loaded],
+        ),
+    }
+    if num_negatives:
+        parts["negative"] = (
+            [t for r in loaded for t in r.negative_texts] if text_positive else None,
+            None if text_positive else [im for r in loaded for im in r.negative_images],
+        )
+    for role, (texts, images) in parts.items():
+        encoded = preprocessor.process_conversations(texts, images, preprocessor.instruction_for(role))
+        for key, value in encoded.items():
+            if role == "negative" and key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                value = value.reshape(size, num_negatives, -1)
+            batch[f"{role}_{key}"] = value
+    if loaded[0].label is not None:
+        batch["labels"] = np.asarray([r.label for r in loaded], dtype=np.int64)
+    return batch
+
+
 def _texts(preprocessor: Any, texts: list[str], role: str, text_length: int | None) -> dict[str, np.ndarray]:
-    enc = preprocessor.process_texts(texts)
+    instruction_for = getattr(preprocessor, "instruction_for", None)  # query/document_instruction (Qwen3-Embedding)
+    instruction = instruction_for(role) if instruction_for is not None else None
+    enc = (
+        preprocessor.process_texts(texts, instruction) if instruction is not None else preprocessor.process_texts(texts)
+    )
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     mask = np.asarray(enc["attention_mask"], dtype=np.int64)
     if text_length is not None and ids.shape[1] < text_length:
@@ -194,14 +243,22 @@ def pad_text(
     return np.pad(ids, width, constant_values=pad_id), np.pad(mask, width, constant_values=0)
 
 
+#: a ``[B]`` column that Ray Data rows of fixed-length-padded models carry (``text_padding="max_length"``, e.g.
+#: SigLIP, whose pooling reads the last position): :func:`trim_text_padding` then keeps their padding, and drops it
+FIXED_TEXT_LENGTH_KEY = "text_fixed_length"
+
+
 def trim_text_padding(batch: Mapping[str, Any]) -> dict[str, Any]:
     """Drop the token positions that are padding in every row of a batch, for each text role.
 
     Ray Data rows are padded to ``max_text_length`` so all blocks share one shape; trimming in the train worker's
     collate step gives the model the same inputs as padding to the batch's longest text would. Works on numpy
-    arrays and torch tensors, ``[B, L]`` and ``[B, K, L]``, and for left- or right-padded tokenizers.
+    arrays and torch tensors, ``[B, L]`` and ``[B, K, L]``, and for left- or right-padded tokenizers. Rows marked
+    with :data:`FIXED_TEXT_LENGTH_KEY` keep their fixed length (the model's pooling depends on it).
     """
     out = dict(batch)
+    if out.pop(FIXED_TEXT_LENGTH_KEY, None) is not None:
+        return out
     for role in ("query", "positive", "negative"):
         mask = batch.get(f"{role}_attention_mask")
         if mask is None:

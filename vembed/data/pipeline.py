@@ -52,7 +52,8 @@ from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vembed.config import VEmbedConfig, as_config
-from vembed.data.batching import BadRecord, build_batch, trim_text_padding
+from vembed.data.batching import FIXED_TEXT_LENGTH_KEY, BadRecord, build_batch, trim_text_padding
+from vembed.data.ragged import collate_rows, is_vlm_batch
 from vembed.data.readers import RECORD_EXTENSIONS, first_record, parse_record_file, resolve_record_files
 from vembed.data.records import SOURCE_FIELD, RecordSchema
 
@@ -270,15 +271,15 @@ def preprocess_records(
 ) -> dict[str, np.ndarray]:
     """``map_batches`` task function: a pyarrow batch of records -> model-input arrays, with this process's cached
     preprocessor; dropped records go to ``bad_records``."""
+    pre = preprocessor.get()
     batch, bad = build_batch(
-        table.to_pylist(),
-        preprocessor.get(),
-        retrieval_mode,
-        on_bad_record=on_bad_record,
-        pad_to_max_length=True,
+        table.to_pylist(), pre, retrieval_mode, on_bad_record=on_bad_record, pad_to_max_length=True
     )
     if bad and bad_records is not None:
         bad_records.add(bad)
+    if batch and getattr(pre, "text_padding", "longest") == "max_length":  # keep it: see trim_text_padding
+        rows = len(next(iter(batch.values())))
+        batch[FIXED_TEXT_LENGTH_KEY] = np.full(rows, pre.max_text_length, dtype=np.int64)
     return batch  # an empty dict (every record bad) adds no rows
 
 
@@ -364,7 +365,11 @@ def collate_train_batch(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tens
     """``iter_torch_batches`` collate function: trim shared text padding, then numpy -> torch.
 
     Ray hands out read-only views of its object store; the tensors are copies the training step may modify.
+    VLM rows (ragged per-row tokens, patches and grids) are padded and concatenated by
+    :func:`vembed.data.ragged.collate_rows`.
     """
+    if is_vlm_batch(batch):
+        return collate_rows(batch)
     return {key: torch.tensor(value) for key, value in trim_text_padding(batch).items()}
 
 

@@ -41,25 +41,39 @@ DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
 
 def encode_items(
-    predictor: VEmbedFactoryPredictor, items: Sequence[str], modality: str, batch_size: int = 32
+    predictor: VEmbedFactoryPredictor,
+    items: Sequence[str],
+    modality: str,
+    batch_size: int = 32,
+    instruction: str | None = None,
 ) -> Embedded:
     """Embed texts (``modality="text"``) or image paths/URIs (``"image"``) -> ``[N, D]`` float32 (multi-vector: one
     ``[L_i, D]`` array per item)."""
+    instructed = {"instruction": instruction} if instruction is not None else {}
     if modality == "text":
-        return predictor.encode_text(list(items), batch_size=batch_size)
+        return predictor.encode_text(list(items), batch_size=batch_size, **instructed)
     if modality == "image":
-        return predictor.encode_image(list(items), batch_size=batch_size)
+        return predictor.encode_image(list(items), batch_size=batch_size, **instructed)
     raise ValueError(f"modality={modality!r}; expected 'text' or 'image'")
 
 
+def _role_instruction(predictor: VEmbedFactoryPredictor, role: str) -> str | None:
+    """The model's configured (and checkpoint-saved) instruction for ``query`` or ``document`` inputs."""
+    instruction_for = getattr(predictor.preprocessor, "instruction_for", None)
+    return instruction_for(role) if instruction_for is not None else None
+
+
 def encode_queries(predictor: VEmbedFactoryPredictor, evalset: EvalSet, batch_size: int = 32) -> Embedded:
-    """Embed the eval set's queries -> ``[num_queries, D]``: texts, images, or composed text + image (m2i, m2t)."""
+    """Embed the eval set's queries -> ``[num_queries, D]``: texts, images, or composed text + image (m2i, m2t),
+    with the model's query instruction (``query_instruction``) when it has one."""
+    instruction = _role_instruction(predictor, "query")
     if evalset.query_modality != "multimodal":
         items = evalset.query_texts if evalset.query_modality == "text" else evalset.query_images
-        return encode_items(predictor, items, evalset.query_modality, batch_size)
+        return encode_items(predictor, items, evalset.query_modality, batch_size, instruction)
     texts, images = evalset.query_texts, evalset.query_images
+    instructed = {"instruction": instruction} if instruction is not None else {}
     parts = [
-        predictor.encode_multimodal(texts[i : i + batch_size], images[i : i + batch_size])
+        predictor.encode_multimodal(texts[i : i + batch_size], images[i : i + batch_size], **instructed)
         for i in range(0, len(texts), batch_size)
     ]
     return [item for part in parts for item in part] if predictor.multi_vector else np.concatenate(parts)
@@ -69,8 +83,17 @@ def encode_eval_set(
     predictor: VEmbedFactoryPredictor, evalset: EvalSet, batch_size: int = 32
 ) -> tuple[Embedded, Embedded]:
     """``(query embeddings, candidate embeddings)`` of an eval set; leave-one-out sets embed their items once."""
-    candidates = encode_items(predictor, evalset.candidates, evalset.candidate_modality, batch_size)
-    queries = candidates if evalset.leave_one_out else encode_queries(predictor, evalset, batch_size)
+    document_instruction = _role_instruction(predictor, "document")
+    candidates = encode_items(
+        predictor, evalset.candidates, evalset.candidate_modality, batch_size, document_instruction
+    )
+    query_instruction = _role_instruction(predictor, "query")
+    if not evalset.leave_one_out:
+        queries = encode_queries(predictor, evalset, batch_size)
+    elif query_instruction == document_instruction:
+        queries = candidates  # query i is candidate i: embedded once
+    else:
+        queries = encode_items(predictor, evalset.candidates, evalset.candidate_modality, batch_size, query_instruction)
     return queries, candidates
 
 

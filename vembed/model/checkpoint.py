@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import vembed
-from vembed.data.processing import load_image_processor, load_tokenizer
+from vembed.data.processing import load_image_processor, load_tokenizer, resolve_settings
 from vembed.model.families import EncoderFamily, get_family
 from vembed.model.heads import build_heads
 from vembed.model.hf import unwrap
@@ -77,6 +77,9 @@ class ModelSpec:
     lora_base: dict[str, str] = field(default_factory=dict)  # backbone attribute -> base model (adapter saves only)
     family_info: dict[str, Any] = field(default_factory=dict)
     vector_tokens: str | None = None  # multi-vector models: one of VECTOR_TOKENS; None for single-vector
+    #: the preprocessing the model was trained with (``vembed.data.processing.SETTINGS_KEYS``: text length, image
+    #: size, pixel bounds, padding policy, instructions), read back by every path; empty in older checkpoints
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     vembed_version: str = vembed.__version__
 
@@ -114,8 +117,23 @@ def read_spec(directory: str | Path) -> ModelSpec:
     return spec
 
 
+#: processor files copied as they are from a local source (beside the tokenizer / image processor's own saves), so
+#: ``AutoProcessor`` still builds the model's processor from a saved checkpoint (Qwen3-VL's chat template, ...)
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "video_preprocessor_config.json",
+)
+
+
 def _save_processors(source: str, target: Path, modalities: tuple[str, ...]) -> None:
-    """Copy the tokenizer / image processor of ``source`` into ``target`` (what a modality needs)."""
+    """Copy the tokenizer / image processor of ``source`` into ``target`` (what a modality needs), and its other
+    processor files."""
+    if Path(source).is_dir() and Path(source).resolve() != target.resolve():
+        for name in PROCESSOR_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, target / name)
     if "text" in modalities:
         tokenizer = load_tokenizer(source)
         if tokenizer is None:
@@ -140,6 +158,31 @@ def _restore_shapes(state: dict[str, torch.Tensor], shapes: Mapping[str, list[in
         if name in state:
             state[name] = state[name].reshape(shape)
     return state
+
+
+def _keep_architectures(backbone: nn.Module, original: list[str], target: Path) -> None:
+    """``save_pretrained`` writes (and sets on the live config) the loaded class (``Qwen3VLModel``); keep the
+    checkpoint's own ``architectures`` (``Qwen3VLForConditionalGeneration``) in both, so the saved directory
+    describes the same model as its source."""
+    config_file = target / "config.json"
+    if not original or not config_file.is_file():
+        return
+    backbone.config.architectures = list(original)
+    saved = json.loads(config_file.read_text())
+    if saved.get("architectures") != original:
+        saved["architectures"] = original
+        config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def preprocessing_settings(model: EmbeddingModel) -> dict[str, Any]:
+    """The preprocessing settings to record for ``model``: its configured ones (``model.preprocessing``) over what
+    its text tower's config decides (padding policy, instruction format, default length)."""
+    family = model.encoder
+    backbones = family.backbones()
+    text_backbone = backbones.get("text_encoder", backbones.get("backbone"))
+    config = unwrap(text_backbone).config if text_backbone is not None else None
+    has_text = "text" in family.modalities
+    return resolve_settings(config, getattr(model, "preprocessing", {}) or {}, has_text=has_text)
 
 
 def save_model(model: EmbeddingModel, directory: str | Path, merge_lora: bool = True) -> Path:
@@ -169,7 +212,9 @@ def save_model(model: EmbeddingModel, directory: str | Path, merge_lora: bool = 
             continue
         _remove(target, ADAPTER_FILES)
         state = _restore_shapes(plain_state_dict(backbone, merge=merge_lora), reshaped)
+        architectures = list(getattr(unwrap(backbone).config, "architectures", None) or [])
         unwrap(backbone).save_pretrained(str(target), state_dict=state)
+        _keep_architectures(unwrap(backbone), architectures, target)
     heads_path = directory / HEADS_FILE
     heads_path.unlink(missing_ok=True)
     if len(model.heads):
@@ -178,6 +223,7 @@ def save_model(model: EmbeddingModel, directory: str | Path, merge_lora: bool = 
     spec = model.spec()
     spec.lora = adapters
     spec.lora_base = bases
+    spec.preprocessing = preprocessing_settings(model)
     (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
     has_st = write_sentence_transformers_layout(model, directory)  # text / composed: readable by ST, TEI, ...
     write_model_card(directory, asdict(spec), {**family.sources, **bases}, sentence_transformers=has_st)

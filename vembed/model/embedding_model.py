@@ -37,6 +37,7 @@ from vembed.model.families import ComposedFamily, EncoderFamily, detect_family, 
 from vembed.model.heads import build_heads, head_shapes
 from vembed.model.hf import DTYPES, resolve_source, unwrap
 from vembed.model.postprocess import finalize_embeddings
+from vembed.model.vlm import check_sequence_batch
 
 Embeddings = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -77,16 +78,19 @@ class EmbeddingModel(nn.Module):
                 "both modalities are projected into one shared space"
             )
         dtype = next(encoder.parameters()).dtype
+        head_widths = encoder.head_dims()
         self.heads = heads if heads is not None else nn.ModuleDict()
         if heads is None and projection_dim is not None:
-            self.heads = build_heads(widths, projection_dim, dtype=dtype)
+            self.heads = build_heads(head_widths, projection_dim, dtype=dtype)
         for modality, head in self.heads.items():
-            if head.in_features != widths[modality]:
+            if modality not in head_widths or head.in_features != head_widths[modality]:
                 raise ValueError(
-                    f"{modality} head expects width {head.in_features}, the encoder gives {widths[modality]}"
+                    f"{modality} head expects width {head.in_features}, the encoder gives {head_widths.get(modality)}"
                 )
         self.projection_dim = projection_dim
         self.normalize = normalize
+        #: preprocessing settings chosen for this model (config keys / a checkpoint's saved ones), recorded on save
+        self.preprocessing: dict[str, Any] = {}
         self._pooling_method = pooling_method
         self.mrl_dims = [int(d) for d in mrl_dims]
         bad = [d for d in self.mrl_dims if not 0 < d <= self.embedding_dim]
@@ -134,6 +138,7 @@ class EmbeddingModel(nn.Module):
                 mrl_dims=cfg.mrl_dims,
                 pooling_method=cfg.pooling_method,
             )
+        model.preprocessing = _preprocessing_choices(cfg, model.preprocessing)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         return model
@@ -186,7 +191,7 @@ class EmbeddingModel(nn.Module):
         mrl_dims = cfg.mrl_dims if cfg.mrl_dims != defaults.mrl_dims else spec.mrl_dims
         family = load_family(directory, spec, pooling, cfg.torch_dtype, cfg.trust_remote_code)
         heads = load_heads(directory, spec, DTYPES[cfg.torch_dtype])
-        return cls(
+        model = cls(
             family,
             projection_dim=spec.projection_dim,
             normalize=normalize,
@@ -194,11 +199,13 @@ class EmbeddingModel(nn.Module):
             pooling_method=pooling_method,
             heads=heads,
         )
+        model.preprocessing = dict(spec.preprocessing)
+        return model
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
     def family(self) -> str:
-        """The encoder family: ``dual``, ``composed``, ``text`` or ``image``."""
+        """The encoder family: ``dual``, ``composed``, ``text``, ``image`` or ``vlm``."""
         return self.encoder.name
 
     @property
@@ -347,11 +354,55 @@ class EmbeddingModel(nn.Module):
 
         ``dim`` truncates to a Matryoshka prefix (re-normalised); None returns the full embedding.
         """
+        if self.sequence_inputs:
+            return self._finalize(self._sequence(input_ids, attention_mask, None, None, None), dim)
         return self._finalize(self._text(input_ids, attention_mask), dim)
 
     def encode_image(self, pixel_values: torch.Tensor, dim: int | None = None) -> Embeddings:
-        """Embed processed images ``[B, 3, H, W]``: ``[B, D]`` (or tokens + mask multi-vector)."""
+        """Embed processed images ``[B, 3, H, W]``: ``[B, D]`` (or tokens + mask multi-vector).
+
+        A vlm model has no image-only path (an image is part of a sequence): this raises and says to use
+        :meth:`encode` with the VLM batch format.
+        """
+        if self.sequence_inputs:
+            self.encoder.encode_image(pixel_values)
         return self._finalize(self._image(pixel_values), dim)
+
+    @property
+    def sequence_inputs(self) -> bool:
+        """True for families that take every item as one token sequence (vlm): see :meth:`encode`."""
+        return bool(getattr(self.encoder, "sequence_inputs", False))
+
+    def _sequence(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mm_token_type_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        prefix: str = "",
+    ) -> Embeddings:
+        """A sequence family's embeddings (one forward for the whole batch) after the head, before finalisation."""
+        if input_ids is None:
+            raise ValueError(
+                f"a {self.family} model embeds every item as a token sequence: {prefix}input_ids are required "
+                "(images are image tokens inside it); build the batch with the model's preprocessing"
+            )
+        ids, mask, mm = check_sequence_batch(
+            input_ids,
+            attention_mask,
+            mm_token_type_ids,
+            pixel_values,
+            image_grid_thw,
+            image_token_id=self.encoder.image_token_id,
+            merge_size=self.encoder.merge_size,
+            prefix=prefix,
+        )
+        self._check_text(ids, mask)
+        pixels = pixel_values.to(self._dtype) if pixel_values is not None else None
+        emb, token_mask = self.encoder.encode_sequence(ids, mask, mm, pixels, image_grid_thw)
+        emb = self.heads["sequence"](emb) if "sequence" in self.heads else emb
+        return emb if token_mask is None else (emb, token_mask)
 
     def encode(
         self,
@@ -359,8 +410,26 @@ class EmbeddingModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         dim: int | None = None,
+        *,
+        mm_token_type_ids: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> Embeddings:
-        """Embed text, images, or both (a multimodal query, fused as described in the module docstring)."""
+        """Embed text, images, or both (a multimodal query, fused as described in the module docstring).
+
+        A sequence family (vlm) takes the VLM batch format instead: ``input_ids``, ``attention_mask`` and
+        ``mm_token_type_ids`` ``[B, L]`` plus, when items have images, flat ``pixel_values [sum P_i, C]`` and
+        ``image_grid_thw [N_images, 3]``; each item (text, image(s), or images then text) is ONE sequence and one
+        forward embeds the whole batch -- a mixed item is never the sum of two vectors.
+        """
+        if self.sequence_inputs:
+            return self._finalize(
+                self._sequence(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw), dim
+            )
+        if mm_token_type_ids is not None or image_grid_thw is not None:
+            raise ValueError(
+                f"mm_token_type_ids / image_grid_thw are inputs of vision-language (vlm) models; this is a "
+                f"{self.family} model"
+            )
         if input_ids is None and pixel_values is None:
             raise ValueError("encode needs input_ids (text), pixel_values (images), or both")
         if pixel_values is None:
@@ -385,7 +454,10 @@ class EmbeddingModel(nn.Module):
 
         Reads ``{role}_input_ids`` / ``{role}_attention_mask`` ``[B, L]`` and/or ``{role}_pixel_values``
         ``[B, 3, H, W]`` for the roles ``query``, ``positive`` and ``negative`` (negatives carry an extra ``K``
-        axis: ``[B, K, L]`` / ``[B, K, 3, H, W]``). Other keys (e.g. ``labels``) are ignored.
+        axis: ``[B, K, L]`` / ``[B, K, 3, H, W]``). Other keys (e.g. ``labels``) are ignored. A vlm model reads
+        the VLM batch format per role instead: ``{role}_input_ids`` / ``_attention_mask`` / ``_mm_token_type_ids``
+        (negatives ``[B, K, L]``), flat ``{role}_pixel_values [sum P, C]`` and ``{role}_image_grid_thw [N, 3]`` in
+        item order (negatives: item-major, then K).
 
         Returns:
             ``{"query": [B, D], "positive": [B, D], "negatives": [B, K, D]}`` for the roles present; multi-vector
@@ -400,9 +472,15 @@ class EmbeddingModel(nn.Module):
             if ids is None and pixels is None:
                 continue
             lead: tuple[int, ...] = ()
-            if role == "negative":
-                ids, mask, pixels, lead = _flatten_negatives(ids, mask, pixels)
-            encoded = self.encode(ids, mask, pixels)
+            if self.sequence_inputs:
+                mm, grid = batch.get(f"{role}_mm_token_type_ids"), batch.get(f"{role}_image_grid_thw")
+                if role == "negative":
+                    ids, mask, mm, lead = _flatten_negative_sequences(ids, mask, mm)
+                encoded = self._finalize(self._sequence(ids, mask, mm, pixels, grid, prefix=f"{role}_"), None)
+            else:
+                if role == "negative":
+                    ids, mask, pixels, lead = _flatten_negatives(ids, mask, pixels)
+                encoded = self.encode(ids, mask, pixels)
             emb, token_mask = encoded if isinstance(encoded, tuple) else (encoded, None)
             out[key] = emb.reshape(*lead, *emb.shape[1:]) if lead else emb
             if token_mask is not None:
@@ -417,6 +495,34 @@ class EmbeddingModel(nn.Module):
             f"family={self.family}, pooling={self.pooling}, embedding_dim={self.embedding_dim}, "
             f"normalize={self.normalize}, mrl_dims={self.mrl_dims}"
         )
+
+
+#: the configuration keys that are preprocessing settings (``vembed.data.processing.SETTINGS_KEYS``)
+PREPROCESSING_CONFIG_KEYS = (
+    "max_text_length",
+    "image_size",
+    "image_min_pixels",
+    "image_max_pixels",
+    "query_instruction",
+    "document_instruction",
+)
+
+
+def _preprocessing_choices(cfg: VEmbedConfig, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved preprocessing settings with the config's set (non-null) keys over them."""
+    return {**saved, **{key: cfg[key] for key in PREPROCESSING_CONFIG_KEYS if cfg[key] is not None}}
+
+
+def _flatten_negative_sequences(
+    ids: torch.Tensor | None, mask: torch.Tensor | None, mm: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
+    """VLM negatives ``[B, K, L]`` -> ``[B*K, L]`` (their flat patches are already in item order)."""
+    if ids is None or ids.dim() != 3:
+        shape = None if ids is None else tuple(ids.shape)
+        raise ValueError(f"negative_input_ids must be [batch, negatives, tokens] for a vlm model, got {shape}")
+    lead = tuple(ids.shape[:2])
+    flat = [t.reshape(-1, t.shape[-1]) if t is not None else None for t in (ids, mask, mm)]
+    return flat[0], flat[1], flat[2], lead
 
 
 def _flatten_negatives(

@@ -12,9 +12,11 @@ for ``pooling="none"``), and which backbone modules it holds (for LoRA, gradient
 * ``composed`` -- any HF text encoder + any HF image encoder, pooled separately (heads map both to one space).
 * ``text``     -- one HF text encoder (BERT / BGE / E5 / MiniLM, or a decoder with ``last`` pooling).
 * ``image``    -- one HF image encoder (ViT / DINOv2).
+* ``vlm``      -- one vision-language decoder (Qwen3-VL): text, image and image+text items are each one sequence
+  (:mod:`vembed.model.vlm`).
 
-The family is read from the checkpoint's config (:func:`detect_family`): the model class the config maps to either
-has both ``get_text_features`` and ``get_image_features`` (dual) or takes ``input_ids`` (text) or
+The family is read from the checkpoint's config (:func:`detect_family`): a config with a ``vision_config`` and an
+``image_token_id`` is a vision-language decoder (vlm); otherwise the model class the config maps to either has both ``get_text_features`` and ``get_image_features`` (dual) or takes ``input_ids`` (text) or
 ``pixel_values`` (image). The model id's spelling is never consulted.
 
 Parameters that vembed's forward never uses are frozen so that DDP does not wait for their gradients: HF's own
@@ -191,6 +193,10 @@ class EncoderFamily(nn.Module, abc.ABC):
     @abc.abstractmethod
     def output_dims(self) -> dict[str, int]:
         """Width of ``encode_<modality>``'s output, per modality."""
+
+    def head_dims(self) -> dict[str, int]:
+        """Input width of each projection head, by head name (one head per modality unless a family says else)."""
+        return self.output_dims()
 
     def max_text_tokens(self) -> int | None:
         """Longest token sequence the text tower accepts (its position table), or None when unbounded/unknown."""
@@ -421,6 +427,10 @@ class DualFamily(EncoderFamily):
 FAMILIES: dict[str, type[EncoderFamily]] = {
     cls.name: cls for cls in (DualFamily, ComposedFamily, TextFamily, ImageFamily)
 }
+# The vlm family lives in its own module (which imports this one); the package imports this module first.
+from vembed.model.vlm import VLMFamily, is_vlm_config  # noqa: E402
+
+FAMILIES[VLMFamily.name] = VLMFamily
 
 
 def get_family(name: str) -> type[EncoderFamily]:
@@ -450,10 +460,12 @@ def _model_class(config: PretrainedConfig, source: str, trust_remote_code: bool)
 def detect_family(source: str, trust_remote_code: bool = False) -> str:
     """The family of the checkpoint at ``source``, read from its config (never from the id's spelling).
 
-    dual: the config's model class has ``get_text_features`` and ``get_image_features``; image: it takes
-    ``pixel_values``; text: it takes ``input_ids``.
+    vlm: the config has a ``vision_config`` and an ``image_token_id``; dual: the config's model class has
+    ``get_text_features`` and ``get_image_features``; image: it takes ``pixel_values``; text: it takes ``input_ids``.
     """
     config = load_hf_config(source, trust_remote_code=trust_remote_code)
+    if is_vlm_config(config):
+        return "vlm"
     model_class = _model_class(config, source, trust_remote_code)
     if hasattr(model_class, "get_text_features") and hasattr(model_class, "get_image_features"):
         return "dual"

@@ -7,7 +7,8 @@ the adapters.
 
 Default target modules are the attention projections, chosen from the module names the backbone actually has (not
 from its id): CLIP/SigLIP ``q_proj,k_proj,v_proj,out_proj``; Llama/Qwen-style ``q_proj,k_proj,v_proj,o_proj``;
-BERT/ViT/DINOv2 ``query,key,value``.
+BERT/ViT/DINOv2 ``query,key,value``. A vlm model (:mod:`vembed.model.vlm`) adapts its text decoder's attention and
+MLP projections (``q/k/v/o/gate/up/down_proj``) and, with ``lora_vision_tower: true``, its vision blocks too.
 
 Saving (:mod:`vembed.model.checkpoint`) either asks :func:`plain_state_dict` for the merged backbone weights as plain
 ``transformers`` keys (``W + scale * B @ A``, the default), or writes the backbone as a PEFT adapter directory
@@ -79,18 +80,26 @@ def _check_targets(module: nn.Module, targets: Sequence[str]) -> None:
 def apply_lora(model: EmbeddingModel, config: VEmbedConfig | dict | None = None) -> EmbeddingModel:
     """Wrap each backbone of ``model`` with a LoRA adapter (in place) and return ``model``.
 
-    Uses ``lora_r``, ``lora_alpha``, ``lora_dropout`` and ``lora_target_modules`` (empty: the per-architecture
-    defaults above). Only the adapters and vembed's projection heads remain trainable.
+    Uses ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` (empty: the per-architecture
+    defaults above) and ``lora_vision_tower`` (vlm only). Only the adapters and vembed's projection heads remain trainable.
 
     Raises:
         ValueError: the model already has LoRA adapters, or a target module name matches no linear layer.
     """
     cfg = as_config(config)
+    family_targets = getattr(model.encoder, "default_lora_targets", None)
+    if cfg.lora_vision_tower and family_targets is None:
+        raise ValueError(f"lora_vision_tower applies to vlm models only; this is a {model.encoder.name} model")
     for attr, backbone in model.encoder.backbones().items():
         if is_lora(backbone):
             raise ValueError(f"backbone {attr!r} already has LoRA adapters; apply_lora must be called once")
-        targets = list(cfg.lora_target_modules) or default_target_modules(backbone)
-        _check_targets(backbone, targets)
+        if cfg.lora_target_modules:
+            targets: list[str] | str = list(cfg.lora_target_modules)
+            _check_targets(backbone, targets)
+        elif family_targets is not None:
+            targets = family_targets(include_vision=cfg.lora_vision_tower)
+        else:
+            targets = default_target_modules(backbone)
         lora_config = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
         )

@@ -2,7 +2,8 @@
 
 Methods:
 
-* ``cls``  -- the first token's state (BERT/BGE ``[CLS]``, ViT/DINOv2 class token).
+* ``cls``  -- the first non-padding token's state (BERT/BGE ``[CLS]``, ViT/DINOv2 class token), for left and right
+  padding alike.
 * ``mean`` -- the mean over non-padding tokens (sentence-transformers / E5 style); padding never contributes.
 * ``last`` -- the state of the last non-padding token, for left *and* right padding (decoder / causal text towers).
 * ``none`` -- no pooling: the token states with padding positions zeroed, ``[B, L, H]`` (multi-vector, ColBERT-style);
@@ -46,8 +47,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, method: str) -> torch.
             f"attention mask shape {tuple(mask.shape)} does not match token states {tuple(hidden.shape)}: "
             "expected [batch, tokens]"
         )
-    if method == "cls":
-        return hidden[:, 0]
+    if method == "cls":  # the first position whose mask is 1 (position 0 under right padding)
+        first = mask.ne(0).int().argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
     weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, L, 1]
     if method == "none":
         return hidden * weights

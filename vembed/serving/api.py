@@ -72,6 +72,8 @@ EMBED_IMAGE_BODY = {
                         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                         "dimensions": {"type": "integer", "minimum": 1},
                         "model": {"type": "string"},
+                        "instruction": {"type": "string"},
+                        "instruction_name": {"type": "string"},
                     },
                 }
             },
@@ -113,11 +115,13 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
 
         return await run_in_threadpool(work)
 
-    async def embed_texts(texts: list[str], dimensions: Optional[int], param: str) -> Embedded:
+    async def embed_texts(
+        texts: list[str], dimensions: Optional[int], param: str, instruction: Optional[str]
+    ) -> Embedded:
         check_item_count(len(texts), args, param)
         check_texts(texts, args, param)
         service.count_tokens(texts, param)
-        return await service.embed_texts(texts, dimensions)
+        return await service.embed_texts(texts, dimensions, instruction)
 
     @api.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["OpenAI"])
     async def create_embeddings(body: EmbeddingsRequest) -> EmbeddingsResponse:
@@ -133,6 +137,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
                 code="multi_vector_model",
             )
         dimensions = service.check_dimensions(body.dimensions)
+        instruction = service.resolve_instruction(body.instruction, body.instruction_name)
         items = [body.input] if isinstance(body.input, str) else body.input
         check_item_count(len(items), args, "input")
         text_idx = [i for i, item in enumerate(items) if isinstance(item, str)]
@@ -143,8 +148,8 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
         images = await decode_images([items[i].image for i in image_idx], [f"input[{i}].image" for i in image_idx])
         vectors = np.empty((len(items), service.output_dim(dimensions)), dtype=np.float32)
         text_vecs, image_vecs = await asyncio.gather(
-            service.embed_texts(texts, dimensions) if texts else _nothing(),
-            service.embed_images(images, dimensions) if images else _nothing(),
+            service.embed_texts(texts, dimensions, instruction) if texts else _nothing(),
+            service.embed_images(images, dimensions, instruction) if images else _nothing(),
         )
         if texts:
             vectors[text_idx] = text_vecs
@@ -163,8 +168,9 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
         """Embed one text or a list of texts."""
         check_model(body.model, service.model_name)
         dimensions = service.check_dimensions(body.dimensions)
+        instruction = service.resolve_instruction(body.instruction, body.instruction_name)
         texts = [body.texts] if isinstance(body.texts, str) else body.texts
-        return _embed_response(service.model_name, await embed_texts(texts, dimensions, "texts"))
+        return _embed_response(service.model_name, await embed_texts(texts, dimensions, "texts", instruction))
 
     @api.post("/embed/image", response_model=EmbedResponse, tags=["embed"], openapi_extra=EMBED_IMAGE_BODY)
     async def embed_image(request: Request) -> EmbedResponse:
@@ -175,6 +181,10 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
                 files = [f for f in form.getlist("files") if not isinstance(f, str)]
                 model, dimensions = form.get("model"), _form_int(form.get("dimensions"), "dimensions")
                 check_model(model if isinstance(model, str) else None, service.model_name)
+                instruction = service.resolve_instruction(
+                    _form_str(form.get("instruction"), "instruction"),
+                    _form_str(form.get("instruction_name"), "instruction_name"),
+                )
                 check_item_count(len(files), args, "files")
                 sources = [await f.read(args.max_image_bytes + 1) for f in files]
             params = [f"files[{i}]" for i in range(len(sources))]
@@ -185,6 +195,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
                 raise validation_error(exc.errors()) from None
             check_model(body.model, service.model_name)
             dimensions = body.dimensions
+            instruction = service.resolve_instruction(body.instruction, body.instruction_name)
             sources = [body.images] if isinstance(body.images, str) else body.images
             check_item_count(len(sources), args, "images")
             params = [f"images[{i}]" for i in range(len(sources))]
@@ -193,7 +204,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
                 415, f"content type {content_type!r}: send application/json or multipart/form-data", code="invalid_body"
             )
         dimensions = service.check_dimensions(dimensions)
-        vectors = await service.embed_images(await decode_images(sources, params), dimensions)
+        vectors = await service.embed_images(await decode_images(sources, params), dimensions, instruction)
         return _embed_response(service.model_name, vectors)
 
     @api.post("/similarity", response_model=SimilarityResponse, tags=["embed"])
@@ -202,6 +213,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
         multi-vector models)."""
         check_model(body.model, service.model_name)
         dimensions = service.check_dimensions(body.dimensions)
+        instruction = service.resolve_instruction(body.instruction, body.instruction_name)
         if body.query_text is None and body.query_image is None:
             raise APIError(400, "send query_text, query_image or both", param="query_text", code="empty_input")
         docs = body.documents
@@ -230,6 +242,7 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
             documents=documents,
             document_type=document_type,
             dimension=dimensions,
+            instruction=instruction,
         )
         return SimilarityResponse(model=service.model_name, scores=[float(s) for s in scores])
 
@@ -287,6 +300,14 @@ def _encode_vector(vector: np.ndarray, encoding_format: str) -> Union[list[float
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     return vector.tolist()
+
+
+def _form_str(value: object, param: str) -> Optional[str]:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    raise APIError(400, f"{param} must be a text field, got a file", param=param, code="invalid_value")
 
 
 def _form_int(value: object, param: str) -> Optional[int]:

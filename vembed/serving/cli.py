@@ -20,6 +20,7 @@ from vembed.serving.settings import ServeArgs
 FLAG_NAMES: dict[str, list[str]] = {
     "num_replicas": ["--replicas", "--num-replicas"],
     "allowed_url_prefixes": ["--allowed-url-prefix"],  # repeatable, one prefix each
+    "instructions": ["--instruction-preset"],  # repeatable, NAME=INSTRUCTION each
 }
 
 
@@ -42,6 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, dest=name, action="store_true", default=None, help=help_text)
         elif kind is list:
             group.add_argument(*flags, dest=name, action="append", default=None, help=help_text + "; repeatable")
+        elif kind is dict:
+            group.add_argument(
+                *flags,
+                dest=name,
+                action="append",
+                type=_name_value,
+                default=None,
+                metavar="NAME=TEXT",
+                help=help_text + "; repeatable",
+            )
         else:
             group.add_argument(
                 *flags,
@@ -57,7 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def serve_args_from(args: argparse.Namespace) -> ServeArgs:
     """The :class:`ServeArgs` given on the command line (unset flags keep their defaults)."""
     given = {name: getattr(args, name) for name in ServeArgs.model_fields if getattr(args, name, None) is not None}
+    for name, field in ServeArgs.model_fields.items():
+        if name in given and _flag_type(field.annotation)[0] is dict:
+            given[name] = dict(given[name])
     return ServeArgs.model_validate(given)
+
+
+def _name_value(text: str) -> tuple[str, str]:
+    """``NAME=TEXT`` -> ``(NAME, TEXT)`` for repeatable mapping flags."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} must look like NAME=TEXT (e.g. query='Find the matching image')")
+    return name.strip(), value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,4 +120,6 @@ def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None]:
         return str, list(typing.get_args(annotation))
     if typing.get_origin(annotation) is list:
         return list, None
+    if typing.get_origin(annotation) is dict:
+        return dict, None
     return annotation, None

@@ -23,6 +23,18 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+INSTRUCTION_HELP = (
+    "instruction for models that take one (a VLM's system message, Qwen3-Embedding's query task); default: the "
+    "model's own"
+)
+INSTRUCTION_NAME_HELP = "name of an instruction preset of the server (`instructions` in its serve config)"
+
+
+class _Instructed(_Request):
+    instruction: Optional[str] = Field(None, min_length=1, description=INSTRUCTION_HELP)
+    instruction_name: Optional[str] = Field(None, min_length=1, description=INSTRUCTION_NAME_HELP)
+
+
 def _reject_token_ids(value: Any) -> Any:
     """OpenAI also accepts token-id arrays; their ids belong to OpenAI's tokenizer, not ours, so refuse them."""
     items = value if isinstance(value, list) else [value]
@@ -41,7 +53,7 @@ class ImageItem(_Request):
 InputItem = Union[str, ImageItem]
 
 
-class EmbeddingsRequest(_Request):
+class EmbeddingsRequest(_Instructed):
     """``POST /v1/embeddings`` (OpenAI-compatible)."""
 
     input: Union[str, list[InputItem]] = Field(description="a text, or a list of texts and image items")
@@ -73,7 +85,7 @@ class EmbeddingsResponse(BaseModel):
     usage: Usage
 
 
-class EmbedTextRequest(_Request):
+class EmbedTextRequest(_Instructed):
     """``POST /embed/text``."""
 
     texts: Union[str, list[str]] = Field(description="one text or a list of texts")
@@ -81,7 +93,7 @@ class EmbedTextRequest(_Request):
     model: Optional[str] = Field(None, description="optional; must name the served model when given")
 
 
-class EmbedImageRequest(_Request):
+class EmbedImageRequest(_Instructed):
     """``POST /embed/image`` as JSON (multipart upload: ``files`` parts plus optional ``dimensions``/``model``)."""
 
     images: Union[str, list[str]] = Field(description=f"one image or a list; each a {IMAGE_STRING_HELP}")
@@ -98,7 +110,7 @@ class EmbedResponse(BaseModel):
     num_vectors: Optional[list[int]] = Field(None, description="multi-vector models: how many vectors each item has")
 
 
-class SimilarityRequest(_Request):
+class SimilarityRequest(_Instructed):
     """``POST /similarity``: one query (text, image, or both for composed models) against documents."""
 
     query_text: Optional[str] = None

@@ -87,6 +87,31 @@ class EmbeddingService:
                 400, f"{param}: model {self.model_name!r} embeds texts only", param=param, code="unsupported_input"
             )
 
+    def resolve_instruction(self, instruction: Optional[str], instruction_name: Optional[str]) -> Optional[str]:
+        """The instruction of a request: its ``instruction`` text or the preset named ``instruction_name`` (400 for
+        both, an unknown preset, or any instruction to a model that takes none); None: the model's default."""
+        if instruction is not None and instruction_name is not None:
+            raise APIError(
+                400, "send instruction or instruction_name, not both", param="instruction_name", code="invalid_value"
+            )
+        if instruction_name is not None:
+            presets = self.args.instructions
+            if instruction_name not in presets:
+                known = ", ".join(sorted(presets)) or "none are configured"
+                raise APIError(
+                    400,
+                    f"instruction_name={instruction_name!r} is not a preset of this server (presets: {known})",
+                    param="instruction_name",
+                    code="invalid_value",
+                )
+            instruction = presets[instruction_name]
+        try:
+            self.predictor.preprocessor.check_instruction(instruction)
+        except (ValueError, TypeError) as exc:
+            param = "instruction_name" if instruction_name is not None else "instruction"
+            raise APIError(400, f"{param}: {exc}", param=param, code="unsupported_input") from exc
+        return instruction
+
     def count_tokens(self, texts: Sequence[str], param: str, offsets: Optional[Sequence[int]] = None) -> int:
         """Tokens the model will read (after truncation); with ``text_overflow="reject"`` a longer text is a 413."""
         self.check_modalities(texts=bool(texts), images=False, param=param)
@@ -106,19 +131,25 @@ class EmbeddingService:
         return int(sum(min(length, window) for length in lengths))
 
     # ---- encoding (batched) ----
-    async def embed_texts(self, texts: Sequence[str], dimensions: Optional[int] = None) -> Embedded:
-        """``(N, D)`` float32 for ``texts``, each text batched with other requests' texts (multi-vector models: one
-        ``[L_i, D]`` array per text)."""
+    async def embed_texts(
+        self, texts: Sequence[str], dimensions: Optional[int] = None, instruction: Optional[str] = None
+    ) -> Embedded:
+        """``(N, D)`` float32 for ``texts``, each text batched with other requests' texts (same instruction;
+        multi-vector models: one ``[L_i, D]`` array per text)."""
         rows = await within_timeout(
-            asyncio.gather(*(self._text_batch((t, dimensions)) for t in texts)), self.args.request_timeout_s
+            asyncio.gather(*(self._text_batch((t, dimensions, instruction)) for t in texts)),
+            self.args.request_timeout_s,
         )
         return list(rows) if self.predictor.multi_vector else np.stack(rows)
 
-    async def embed_images(self, images: Sequence[Image.Image], dimensions: Optional[int] = None) -> Embedded:
+    async def embed_images(
+        self, images: Sequence[Image.Image], dimensions: Optional[int] = None, instruction: Optional[str] = None
+    ) -> Embedded:
         """``(N, D)`` float32 for decoded ``images``, each image batched with other requests' images (multi-vector
         models: one ``[L_i, D]`` array per image)."""
         rows = await within_timeout(
-            asyncio.gather(*(self._image_batch((im, dimensions)) for im in images)), self.args.request_timeout_s
+            asyncio.gather(*(self._image_batch((im, dimensions, instruction)) for im in images)),
+            self.args.request_timeout_s,
         )
         return list(rows) if self.predictor.multi_vector else np.stack(rows)
 
@@ -142,27 +173,30 @@ class EmbeddingService:
 
     # The decorator's sizes are placeholders: __init__ sets max_batch_size and the wait from ServeArgs.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _text_batch(self, items: list[tuple[str, Optional[int]]]) -> list[np.ndarray]:
+    async def _text_batch(self, items: list[tuple[str, Optional[int], Optional[str]]]) -> list[np.ndarray]:
         self.batch_metrics.record("text", len(items))
         return await self._run_grouped(items, self.predictor.encode_text, self.batch_stats["text"])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _image_batch(self, items: list[tuple[Image.Image, Optional[int]]]) -> list[np.ndarray]:
+    async def _image_batch(self, items: list[tuple[Image.Image, Optional[int], Optional[str]]]) -> list[np.ndarray]:
         self.batch_metrics.record("image", len(items))
         return await self._run_grouped(items, self.predictor.encode_image, self.batch_stats["image"])
 
     @staticmethod
-    async def _run_grouped(items: list[tuple[Any, Optional[int]]], encode: Any, stats: BatchStats) -> list[np.ndarray]:
-        """One Predictor call per distinct ``dimensions`` in the batch; rows back in arrival order."""
+    async def _run_grouped(
+        items: list[tuple[Any, Optional[int], Optional[str]]], encode: Any, stats: BatchStats
+    ) -> list[np.ndarray]:
+        """One Predictor call per distinct ``(dimensions, instruction)`` in the batch; rows back in arrival order."""
         stats.batches += 1
         stats.items += len(items)
-        groups: dict[Optional[int], list[int]] = defaultdict(list)
-        for i, (_, dim) in enumerate(items):
-            groups[dim].append(i)
+        groups: dict[tuple[Optional[int], Optional[str]], list[int]] = defaultdict(list)
+        for i, (_, dim, instruction) in enumerate(items):
+            groups[(dim, instruction)].append(i)
         out: list[Optional[np.ndarray]] = [None] * len(items)
-        for dim, idx in groups.items():
+        for (dim, instruction), idx in groups.items():
             inputs = [items[i][0] for i in idx]
-            vectors = await asyncio.to_thread(encode, inputs, batch_size=len(inputs), dimension=dim)
+            kwargs = {"instruction": instruction} if instruction is not None else {}
+            vectors = await asyncio.to_thread(encode, inputs, batch_size=len(inputs), dimension=dim, **kwargs)
             for row, i in zip(vectors, idx, strict=True):
                 out[i] = row
         return out  # type: ignore[return-value]

@@ -22,6 +22,11 @@ class ServeArgs(BaseModel):
 
     # ---- model ----
     model: str = Field(description="vembed checkpoint directory, HF model directory or hub id to serve")
+    instructions: dict[str, str] = Field(
+        default_factory=dict,
+        description="named instruction presets requests select with `instruction_name` (like sentence-transformers' "
+        "prompt_name), e.g. {query: 'Find the image that matches the caption'}",
+    )
     model_name: Optional[str] = Field(
         None, description="name clients pass as `model` (default: the checkpoint directory's name)"
     )
@@ -89,6 +94,9 @@ class ServeArgs(BaseModel):
                 f"max_ongoing_requests={self.max_ongoing_requests} < max_batch_size={self.max_batch_size}: "
                 "batches could never fill; raise max_ongoing_requests or lower max_batch_size"
             )
+        for name, text in self.instructions.items():
+            if not name.strip() or not text.strip():
+                raise ValueError(f"instructions entry {name!r}: {text!r} needs a non-empty name and instruction")
         for prefix in self.allowed_url_prefixes:
             if not prefix.startswith(("http://", "https://")) or prefix.count("/") < 3:
                 raise ValueError(

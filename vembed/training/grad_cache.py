@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vembed.data.ragged import IMAGE_KEYS, ROLES, is_vlm_batch, slice_items
+
 LossFn = Callable[[Mapping[str, Tensor], Mapping[str, Any]], Tensor]
 
 
@@ -50,14 +52,25 @@ class RngState:
 
 
 def split_batch(batch: Mapping[str, Any], chunk_size: int) -> list[dict[str, Any]]:
-    """Split every tensor of ``batch`` along dim 0 into chunks of ``chunk_size``; other values are shared."""
-    sizes = {key: value.shape[0] for key, value in batch.items() if isinstance(value, Tensor) and value.dim() > 0}
+    """Split every tensor of ``batch`` along dim 0 into chunks of ``chunk_size``; other values are shared.
+
+    A VLM batch's flat ``{role}_pixel_values`` and ``{role}_image_grid_thw`` have no batch axis: each chunk gets the
+    patches and grid rows of its own items (:func:`vembed.data.ragged.slice_items`).
+    """
+    ragged = {f"{role}_{key}" for role in ROLES for key in IMAGE_KEYS} if is_vlm_batch(batch) else set()
+    sizes = {
+        key: value.shape[0]
+        for key, value in batch.items()
+        if isinstance(value, Tensor) and value.dim() > 0 and key not in ragged
+    }
     if not sizes:
         raise ValueError("GradCache needs a batch with at least one tensor (with a batch dim) to split")
     if len(set(sizes.values())) != 1:
         raise ValueError(f"every tensor of the batch must have the same batch size (dim 0) to be chunked, got {sizes}")
     batch_size = next(iter(sizes.values()))
     starts = range(0, batch_size, chunk_size)
+    if ragged:
+        return [slice_items(batch, start, min(start + chunk_size, batch_size)) for start in starts]
     return [
         {key: value[start : start + chunk_size] if key in sizes else value for key, value in batch.items()}
         for start in starts
@@ -141,4 +154,9 @@ class GradCache:
 
 
 def _rows(chunk: Mapping[str, Any]) -> int:
-    return next(value.shape[0] for value in chunk.values() if isinstance(value, Tensor) and value.dim() > 0)
+    ragged = {f"{role}_{key}" for role in ROLES for key in IMAGE_KEYS}
+    return next(
+        value.shape[0]
+        for key, value in chunk.items()
+        if isinstance(value, Tensor) and value.dim() > 0 and key not in ragged
+    )

@@ -35,7 +35,7 @@ def build_model(config: ConfigLike) -> EmbeddingModel:
 
 
 def load_processor(
-    model_name_or_path: str | Path, max_text_length: int = 77, image_size: int | None = None
+    model_name_or_path: str | Path, max_text_length: int | None = None, image_size: int | None = None
 ) -> Preprocessor:
     """The tokenizer + image processor of a model directory or hub id, as one picklable :class:`Preprocessor`."""
     return Preprocessor.from_pretrained(model_name_or_path, max_text_length=max_text_length, image_size=image_size)
