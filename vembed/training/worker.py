@@ -43,7 +43,14 @@ def make_loop_config(config: VEmbedConfig, num_train_records: int, bad_records: 
 
 
 def local_batch_size(config: VEmbedConfig, world_size: int) -> int:
-    """``batch_size`` is global: each of the ``world_size`` workers takes an equal share."""
+    """``batch_size`` is global: each of the ``world_size`` workers takes an equal share (``per_device_batch_size``
+    when that was given: the config made ``batch_size`` its multiple for ``num_workers`` workers)."""
+    per_device = config.per_device_batch_size
+    if per_device is not None and per_device * world_size != config.batch_size:
+        raise ValueError(
+            f"per_device_batch_size={per_device} was resolved for num_workers={config.num_workers} "
+            f"(batch_size={config.batch_size}) but the run has {world_size} workers; set num_workers={world_size}"
+        )
     if config.batch_size % world_size:
         raise ValueError(
             f"batch_size={config.batch_size} (global) does not split evenly over {world_size} workers; "
