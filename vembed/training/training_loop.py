@@ -209,7 +209,7 @@ class Trainer:
         return criterion
 
     def _load_teacher(self) -> nn.Module | None:
-        """The frozen teacher named by ``teacher_model_name`` (it must read the student's batches)."""
+        """The frozen teacher named by ``teacher_model_name``; refused when its preprocessing is not the student's."""
         cfg = self.config
         if cfg.teacher_model_name is None:
             return None
@@ -218,10 +218,9 @@ class Trainer:
                 f"teacher_model_name is set but loss_type is {cfg.loss_type!r}; set loss_type: distillation "
                 "(or drop teacher_model_name)"
             )
-        from vembed.training.model_builder import build_model
+        from vembed.training.teacher import load_teacher
 
-        teacher = build_model(cfg.replace(model_name=cfg.teacher_model_name, use_lora=False, torch_compile=False))
-        return teacher.requires_grad_(False).eval().to(self.device)
+        return load_teacher(cfg, self.device)
 
     def _open_tensorboard(self) -> Any | None:
         if self.config.report_to != "tensorboard" or self.rank != 0:
