@@ -166,7 +166,7 @@ def test_learned_temperature_clamped_after_the_step_can_come_back_from_the_cap(t
               "logging_steps": 0}  # fmt: skip
     criterion = LossFactory.create(config)
     model = _Fixed()
-    optimizer = build_optimizer(model, config)  # as in the guide: the loss is not passed
+    optimizer = build_optimizer(model, config, extra_modules=[criterion])
     cap = math.log(MAX_SCALE)
 
     Trainer(model, optimizer, matched, criterion, config=config).train()

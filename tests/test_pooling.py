@@ -150,6 +150,7 @@ def test_auto_pooling_reproduces_sentence_transformers() -> None:
 def _sentence_transformer(backbone_dir, pooling: str, dense: bool = False):
     """A sentence-transformers model around the tiny BERT: Transformer -> Pooling(pooling) [-> Dense] -> Normalize."""
     st = pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sentence_transformers.models")
     transformer = st.models.Transformer(str(backbone_dir), max_seq_length=32)
     width = transformer.get_embedding_dimension()
     modules = [transformer, st.models.Pooling(width, pooling_mode=pooling)]
