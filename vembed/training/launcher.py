@@ -80,11 +80,27 @@ def ensure_ray(config: VEmbedConfig) -> None:
         ray.shutdown()
     _started_here.clear()
     try:
-        ray.init(num_cpus=needed, log_to_driver=True)
+        _start_local_ray(needed)
     except ValueError:  # RAY_ADDRESS or a cluster started with `ray start` was found: its size is its own
         ray.init(log_to_driver=True)
         return
     _started_here.update(gcs_address=ray.get_runtime_context().gcs_address, cpus=needed)
+
+
+def _start_local_ray(cpus: int) -> None:
+    """``ray.init(num_cpus=cpus)``, tried twice: on a loaded machine the raylet can miss Ray's fixed 30 s
+    registration deadline once ("The current node timed out during startup")."""
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=cpus, log_to_driver=True)
+            return
+        except ValueError:
+            raise
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            logger.warning("the local Ray instance did not start in time; trying once more")
+            ray.shutdown()
 
 
 def wants_gpu(config: VEmbedConfig) -> bool:
