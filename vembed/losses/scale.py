@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -85,8 +86,8 @@ def clamp_after_step(optimizer: torch.optim.Optimizer, module: nn.Module) -> Non
     if not any(isinstance(child, LogitScale) and child.learnable for child in module.modules()):
         return
     base = _base_optimizer(optimizer)
-    clamped: set[int] = base.__dict__.setdefault("_vembed_clamped_modules", set())
-    if id(module) in clamped:
+    clamped: weakref.WeakSet[nn.Module] = base.__dict__.setdefault("_vembed_clamped_modules", weakref.WeakSet())
+    if module in clamped:
         return
-    clamped.add(id(module))
+    clamped.add(module)
     base.register_step_post_hook(lambda *_: clamp_logit_scales(module))
