@@ -131,3 +131,27 @@ def test_fsdp_with_fp16_is_refused_at_validation_pointing_to_bf16():
         as_config({"strategy": "fsdp", "mixed_precision": "fp16"})
     assert as_config({"strategy": "fsdp", "mixed_precision": "bf16"}).mixed_precision == "bf16"
     assert as_config({"strategy": "ddp", "mixed_precision": "fp16"}).mixed_precision == "fp16"
+
+
+def test_per_device_batch_size_is_per_worker_and_conflicts_are_errors(tmp_path):
+    """``per_device_batch_size`` is what each worker gets (hand reference: per_device x workers records per global
+    micro-batch), not another spelling of the global ``batch_size``."""
+    from vembed.training.worker import local_batch_size
+
+    cfg = as_config({"per_device_batch_size": 8, "num_workers": 2})
+    assert (cfg.batch_size, local_batch_size(cfg, 2)) == (16, 8)
+    cfg = cfg.replace(num_workers=4)  # e.g. train(num_workers=4) over the constructor's settings
+    assert (cfg.batch_size, local_batch_size(cfg, 4)) == (32, 8)
+    assert as_config({"per_device_batch_size": 8, "num_workers": 0}).batch_size == 8  # the driver-process loop
+    assert as_config({"per_device_batch_size": 8, "batch_size": 16, "num_workers": 2}).batch_size == 16  # agree
+    with pytest.raises(ConfigError, match=r"batch_size=64 .* per_device_batch_size=8 x num_workers=2 makes it 16"):
+        as_config({"per_device_batch_size": 8, "batch_size": 64, "num_workers": 2})
+    with pytest.raises(ConfigError, match="per_device_batch_size=0"):
+        as_config({"per_device_batch_size": 0})
+    later = cfg.replace(batch_size=12)  # a later global batch size wins over an earlier per-device one
+    assert (later.batch_size, later.per_device_batch_size, local_batch_size(later, 4)) == (12, None, 3)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("per_device_batch_size: 4\nnum_workers: 2\n")
+    assert load_and_parse_config([str(cfg_file), "--config_override", "num_workers=3"]).batch_size == 12
+    with pytest.raises(ValueError, match="resolved for num_workers=2"):
+        local_batch_size(as_config({"per_device_batch_size": 8, "num_workers": 2}), 3)

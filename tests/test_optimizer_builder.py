@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,50 @@ def test_bad_schedule_settings_are_clear_errors(cfg, steps, match):
     optimizer = build_optimizer(nn.Linear(2, 2), cfg)
     with pytest.raises((ValueError, ConfigError), match=match):
         build_scheduler(optimizer, cfg, num_epochs=1, steps_per_epoch=steps)
+
+
+class _Fixed(nn.Module):
+    """A "model" whose embeddings are the inputs themselves (one unused weight so the optimizer has a model group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(2, 2))
+
+    def forward(self, query: torch.Tensor, positive: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"query": query + 0 * self.unused.sum(), "positive": positive}
+
+    def save_pretrained(self, directory, merge_lora: bool = False) -> None:  # the Trainer's epoch checkpoint
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), Path(directory) / "weights.pt")
+
+
+def test_learned_temperature_clamped_after_the_step_can_come_back_from_the_cap(tmp_path):
+    """A learnable temperature pushed past its cap must sit exactly at the cap after each step (the clamp acts on
+    the parameter, after the optimizer step) and still get a gradient there, so it moves back down once the data
+    asks for a softer softmax. Hand reference: log(MAX_SCALE) and the sign of d loss / d log_scale."""
+    from vembed.losses.factory import LossFactory
+    from vembed.losses.scale import MAX_SCALE
+    from vembed.training.training_loop import Trainer
+
+    eye = torch.eye(4)
+    # each query's positive is closest to it, but only just (cosine 1 vs 0.95): a sharper softmax lowers the loss
+    close = torch.nn.functional.normalize(eye + 2.0, dim=-1)
+    matched = [{"query": close, "positive": close}]
+    # each query is closer to another query's positive (0.8) than to its own (0.6): a softer softmax lowers the loss
+    crossed = [{"query": eye, "positive": 0.6 * eye + 0.8 * torch.roll(eye, 1, dims=1)}]
+    config = {"loss_type": "infonce", "learnable_temperature": True, "temperature": 0.0125, "learning_rate": 0.5,
+              "weight_decay": 0.0, "max_grad_norm": 0.0, "epochs": 3, "output_dir": str(tmp_path),
+              "logging_steps": 0}  # fmt: skip
+    criterion = LossFactory.create(config)
+    model = _Fixed()
+    optimizer = build_optimizer(model, config, extra_modules=[criterion])
+    cap = math.log(MAX_SCALE)
+
+    Trainer(model, optimizer, matched, criterion, config=config).train()
+    assert criterion.logit_scale.log_scale.item() == pytest.approx(cap, abs=1e-7)  # pushed up, held at the cap
+
+    criterion.zero_grad()
+    criterion(model(**crossed[0]), crossed[0]).backward()
+    assert criterion.logit_scale.log_scale.grad.item() > 0  # at the cap the gradient asks to lower the scale
+    Trainer(model, optimizer, crossed, criterion, config=config).train()
+    assert criterion.logit_scale.log_scale.item() < cap - 0.5

@@ -153,3 +153,45 @@ def test_auto_pooling_reproduces_sentence_transformers() -> None:
     with torch.no_grad():
         ours = model.encode_text(torch.from_numpy(tokens["input_ids"]), torch.from_numpy(tokens["attention_mask"]))
     torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-4)
+
+
+def _sentence_transformer(backbone_dir, pooling: str, dense: bool = False):
+    """A sentence-transformers model around the tiny BERT: Transformer -> Pooling(pooling) [-> Dense] -> Normalize."""
+    st = pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sentence_transformers.models")
+    transformer = st.models.Transformer(str(backbone_dir), max_seq_length=32)
+    width = transformer.get_embedding_dimension()
+    modules = [transformer, st.models.Pooling(width, pooling_mode=pooling)]
+    if dense:
+        modules.append(st.models.Dense(width, 8, activation_function=torch.nn.Tanh()))
+    return st.SentenceTransformer(modules=[*modules, st.models.Normalize()], device="cpu")
+
+
+def test_auto_pooling_reads_sentence_transformers_config_of_a_cached_hub_model(tiny_bert_dir, tmp_path, monkeypatch):
+    """A CLS-pooled hub model (BGE-like), resolved offline through the HF cache: ``auto`` must give its CLS vectors
+    (independent reference: sentence-transformers on the same files), and a Dense module must be refused."""
+    import huggingface_hub.constants
+
+    from vembed.data.processing import Preprocessor
+    from vembed.testing.hub_cache import write_hub_cache
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    reference_model = _sentence_transformer(tiny_bert_dir, "cls")
+    reference_model.save(str(tmp_path / "bge"))
+    write_hub_cache(cache, "org/tiny-bge", tmp_path / "bge")
+    texts = ["a photo of a cat", "an embedding model maps text to vectors that can be compared"]
+    reference = reference_model.encode(texts, convert_to_tensor=True)
+
+    model = EmbeddingModel.from_pretrained("org/tiny-bge").eval()
+    assert model.pooling == {"text": "cls"}
+    tokens = Preprocessor.from_pretrained("org/tiny-bge", max_text_length=32).process_texts(texts)
+    with torch.no_grad():
+        ours = model.encode_text(torch.from_numpy(tokens["input_ids"]), torch.from_numpy(tokens["attention_mask"]))
+    torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-4)
+
+    _sentence_transformer(tiny_bert_dir, "cls", dense=True).save(str(tmp_path / "dense"))
+    write_hub_cache(cache, "org/tiny-dense", tmp_path / "dense")
+    with pytest.raises(ValueError, match=r"2_Dense .*Dense.*Set pooling_method"):
+        EmbeddingModel.from_pretrained("org/tiny-dense")
+    assert EmbeddingModel.from_pretrained("org/tiny-dense", pooling_method="cls").pooling == {"text": "cls"}

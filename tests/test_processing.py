@@ -158,3 +158,31 @@ def test_missing_model_path(tmp_path):
         Preprocessor.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no tokenizer or image processor"):
         Preprocessor.from_pretrained(tmp_path)
+
+
+def test_hub_load_failure_is_raised_not_taken_for_a_missing_processor(
+    tiny_vit_dir, tiny_bert_dir, tmp_path, monkeypatch
+):
+    """Only "this repo has no tokenizer / image processor" may become None; any other failure to load a hub id
+    (offline and not cached, a corrupt file) is raised as itself instead of surfacing later as a wrong modality."""
+    import huggingface_hub.constants
+
+    from vembed.data.processing import load_image_processor, load_tokenizer
+    from vembed.testing.hub_cache import write_hub_cache
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(OSError, match="couldn't connect|cached"):
+        load_tokenizer("nobody/not-cached")  # HF_HUB_OFFLINE=1 in the test run
+    with pytest.raises(OSError, match="couldn't connect|cached"):
+        load_image_processor("nobody/not-cached")
+
+    write_hub_cache(cache, "org/tiny-vit", tiny_vit_dir)  # an image-only repo: really no tokenizer
+    assert load_tokenizer("org/tiny-vit") is None
+    assert load_image_processor("org/tiny-vit") is not None
+
+    broken = write_hub_cache(cache, "org/broken-bert", tiny_bert_dir)
+    (broken / "tokenizer.json").write_text("{ not json")
+    (broken / "tokenizer_config.json").write_text("{ not json")
+    with pytest.raises((OSError, ValueError)):
+        load_tokenizer("org/broken-bert")

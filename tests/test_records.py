@@ -214,6 +214,24 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
         read_records(path, RecordSchema("t2i"))
 
 
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_non_utf8_byte_is_reported_at_its_own_line(tmp_path, ext):
+    """Line 14 of 20 holds a Latin-1 byte: the error names line 14 (a text decoder reading ahead in chunks used to
+    report the chunk's first line)."""
+    path = tmp_path / f"latin1.{ext}"
+    if ext == "jsonl":
+        lines = [json.dumps(t2i(i)).encode() for i in range(20)]
+        lines[13] = '{"query": "caf\xe9", "positive": "/img.jpg"}'.encode("latin-1")
+        byte = 15
+    else:
+        lines = [b"query,positive"] + [f"caption {i},/img{i}.jpg".encode() for i in range(20)]
+        lines[13] = "caf\xe9,/img.jpg".encode("latin-1")
+        byte = 4
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(RecordFileError, match=rf"{path}:line 14: not UTF-8 text .* byte {byte} of the line"):
+        read_records(path, RecordSchema("t2i"))
+
+
 def test_json_array_file_gets_a_hint(tmp_path):
     path = tmp_path / "arr.json"
     path.write_text(json.dumps([t2i(0), t2i(1)], indent=1))

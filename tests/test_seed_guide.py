@@ -312,3 +312,61 @@ def test_advanced_configuration_with_lora_learns_vlm_retrieval(ray_local, tiny_q
     assert saved["family"] == "vlm"
     after = _caption_to_image_top1(tmp_path / "vlm" / f"checkpoint-epoch-{VLM_EPOCHS}", preprocessor, test)
     assert after - before > 0.4, f"held-out top-1 {before:.2f} -> {after:.2f}"
+
+
+def test_section3_trainer_trains_the_losss_own_parameters(tiny_siglip_dir, data, tmp_path):
+    """The guide's "Trainer Class" snippet with ``build_optimizer(model, config)`` (the loss is built after the
+    optimizer and never passed to it) must still train SigLIP's logit scale and bias, on the model's device.
+    Independent reference: a hand-written single-process loop with one AdamW over model and loss parameters."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from transformers import get_scheduler
+
+    from vembed.data.dataset import VisualRetrievalDataset
+    from vembed.data.registry import CollatorRegistry
+    from vembed.losses.factory import LossFactory
+    from vembed.training.config import load_base_config, merge_configs
+    from vembed.training.model_builder import build_model, load_processor
+    from vembed.training.optimizer_builder import build_optimizer, build_scheduler
+    from vembed.training.training_loop import Trainer
+
+    config = merge_configs(
+        load_base_config(),
+        {"model_name": str(tiny_siglip_dir), "loss_type": "sigmoid", "epochs": 1, "batch_size": 8,
+         "learning_rate": 1e-2, "weight_decay": 0.0, "warmup_steps": 1, "output_dir": str(tmp_path)},
+    )  # fmt: skip
+    processor = load_processor(str(tiny_siglip_dir))
+    dataset = VisualRetrievalDataset(data_source=str(data["train"]), processor=processor, mode="train")
+    collator = CollatorRegistry.get("default")(processor=processor, mode="train")
+    batches = list(DataLoader(dataset, batch_size=8, collate_fn=collator, shuffle=False))[:2]
+
+    # the guide's code
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = build_optimizer(model, config)
+    criterion = LossFactory.create(config)
+    initial = (criterion.logit_scale.log_scale.item(), criterion.logit_bias.item())
+    scheduler, _ = build_scheduler(optimizer, config, 1, len(batches))
+    Trainer(model, optimizer, batches, criterion, accelerator=Accelerator(cpu=True), config=config,
+            scheduler=scheduler).train()  # fmt: skip
+    trained = (criterion.logit_scale.log_scale.item(), criterion.logit_bias.item())
+
+    # the reference: plain PyTorch
+    torch.manual_seed(0)
+    ref_model = build_model(config)
+    ref_loss = LossFactory.create(config)
+    params = [*ref_model.parameters(), *ref_loss.parameters()]
+    ref_opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    ref_sched = get_scheduler("cosine", ref_opt, num_warmup_steps=1, num_training_steps=len(batches))
+    ref_model.train()
+    for batch in batches:
+        torch.manual_seed(config.seed)  # the Trainer's per-epoch seed (dropout); one epoch here
+        ref_loss(ref_model(**batch), batch).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        ref_opt.step()
+        ref_sched.step()
+        ref_opt.zero_grad()
+    expected = (ref_loss.logit_scale.log_scale.item(), ref_loss.logit_bias.item())
+
+    assert abs(trained[0] - initial[0]) > 1e-3 and abs(trained[1] - initial[1]) > 1e-3
+    assert trained == pytest.approx(expected, abs=1e-5)

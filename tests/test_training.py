@@ -188,6 +188,29 @@ def test_distillation_uses_a_frozen_teacher(tiny_clip_dir, shapes_small, tmp_pat
     assert last < first, losses  # the student moves towards the teacher's similarities
 
 
+def test_distillation_refuses_a_teacher_that_cannot_read_the_students_inputs(tiny_clip_dir, tiny_bert_dir, tmp_path):
+    """The teacher gets the student's token ids and pixels: a teacher with another tokenizer or another image
+    normalisation must be refused at construction, naming what differs (reference: the hand-edited file)."""
+    import json
+    import shutil
+
+    from vembed.config import ConfigError
+
+    other_pixels = tmp_path / "clip_other_mean"
+    shutil.copytree(tiny_clip_dir, other_pixels)
+    processor_config = other_pixels / "processor_config.json"
+    settings = json.loads(processor_config.read_text())
+    settings["image_processor"]["image_mean"] = [0.5, 0.5, 0.5]
+    processor_config.write_text(json.dumps(settings))
+    cases = [(tiny_bert_dir, r"tokenizer vocabulary .*the teacher has no image processor"),
+             (other_pixels, r"image processor image_mean \(\[0\.4.* vs \[0\.5, 0\.5, 0\.5\]\)")]  # fmt: skip
+    for teacher, problem in cases:
+        cfg = _config(tiny_clip_dir, tmp_path, loss_type="distillation", teacher_model_name=str(teacher))
+        model = build_model(cfg)
+        with pytest.raises(ConfigError, match=rf"teacher_model_name=.*cannot read the student's batches.*{problem}"):
+            Trainer(model, build_optimizer(model, cfg), [], LossFactory.create(cfg), config=cfg)
+
+
 def test_bf16_autocast_step_runs_on_cpu(tiny_clip_dir, shapes_small, tmp_path):
     cfg = _config(tiny_clip_dir, tmp_path, mixed_precision="bf16")
     model = build_model(cfg)

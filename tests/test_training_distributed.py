@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from vembed.config import ConfigError
+from vembed.data.batching import BadRecordError
 from vembed.data.dataset import VisualRetrievalDataset
 from vembed.data.readers import EmptyDatasetError, RecordFileError
 from vembed.losses.factory import LossFactory
@@ -197,6 +199,53 @@ def test_missing_image_fails_the_run_under_on_bad_record_fail(ray_local, tiny_cl
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     # In-process loop (num_workers=0): the same Ray Data pipeline and worker loop, without a worker-group start.
     cfg = _config(tiny_clip_dir, {"train": data}, tmp_path, num_workers=0, on_bad_record="fail")
-    with pytest.raises(Exception, match="no_such_image.jpg") as info:
+    with pytest.raises(BadRecordError, match="no_such_image.jpg") as info:
         run_training(cfg)
-    assert "on_bad_record" in str(info.value)
+    # the record's message alone: no Ray Data retry note ("Failed to apply UDF transform after 1/1 attempts ...")
+    assert str(info.value).endswith("(set on_bad_record: skip to drop such records)"), str(info.value)
+
+
+_TWO_RUNS_IN_ONE_PROCESS = """
+import json, os, sys
+from vembed.trainer import VEmbedFactoryTrainer
+
+model, data, bad_data, out = sys.argv[1:5]
+cores = os.cpu_count() or 1
+trainer = VEmbedFactoryTrainer(model, batch_size=8, epochs=1, torch_threads=1, max_failures=0)
+first = trainer.train(data, out + "/first")  # a local Ray sized for 1 worker: max(cores, 3) CPUs
+print("FIRST", first.metrics["world_size"])
+try:  # 2 workers of `cores` CPUs each need more than the first instance has; a bad record fails the workers
+    trainer.train(bad_data, out + "/second", num_workers=2, resources_per_worker={"CPU": cores},
+                  on_bad_record="fail")
+except Exception as exc:
+    print("SECOND", json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+"""
+
+
+def test_one_process_trains_twice_with_more_workers_and_a_bad_record_is_reported_alone(
+    tiny_clip_dir, one_batch, tmp_path
+):
+    """A notebook: ``train()`` with 1 worker, then with 2 workers needing more CPUs than the local Ray vembed started
+    for the first run: the second run must get its workers (here they fail on a missing image, which also shows
+    item 15's point: the worker's ``BadRecordError`` reaches the caller as itself, its message alone, not inside
+    Ray Train's ``WorkerGroupError`` stack trace). A fresh process, because the session's Ray is the caller's."""
+    import subprocess
+    import sys
+
+    records = [json.loads(line) for line in one_batch["train"].read_text().splitlines()]
+    records[5]["positive"] = str(tmp_path / "no_such_image.jpg")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_RUNS_IN_ONE_PROCESS, str(tiny_clip_dir), str(one_batch["train"]), str(bad),
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in done.stdout.splitlines() if " " in line}
+    assert lines.get("FIRST") == "1", done.stderr[-3000:]
+    assert "SECOND" in lines, done.stderr[-3000:]
+    second = json.loads(lines["SECOND"])
+    assert second["type"] == "BadRecordError", second
+    assert re.fullmatch(r"bad record 't2i-000005' at .*bad\.jsonl:line 6: positive image .*no_such_image\.jpg.*"
+                        r"\(set on_bad_record: skip to drop such records\)", second["message"]), second  # fmt: skip

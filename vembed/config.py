@@ -29,7 +29,6 @@ ALIASES: dict[str, str] = {
     "model_name_or_path": "model_name",
     "pooling": "pooling_method",
     "train_data_path": "data_path",
-    "per_device_batch_size": "batch_size",
 }
 
 
@@ -82,6 +81,7 @@ class VEmbedConfig:
     output_dir: str
     epochs: int
     batch_size: int
+    per_device_batch_size: Optional[int]
     learning_rate: float
     weight_decay: float
     adam_beta1: float
@@ -299,6 +299,7 @@ def _build(values: Mapping[str, Any], sources: Mapping[str, str]) -> VEmbedConfi
         )
     if typed["batch_size"] < 1 or typed["epochs"] < 0 or typed["gradient_accumulation_steps"] < 1:
         raise ConfigError("batch_size and gradient_accumulation_steps must be >= 1 and epochs >= 0")
+    _resolve_per_device_batch_size(typed, sources)
     if typed["preprocess_tasks"] is not None and typed["preprocess_tasks"] < 1:
         raise ConfigError(
             f"preprocess_tasks={typed['preprocess_tasks']} ({sources.get('preprocess_tasks', 'config')}): "
@@ -327,6 +328,27 @@ def _check_preprocessing(typed: Mapping[str, Any], sources: Mapping[str, str]) -
         )
 
 
+def _resolve_per_device_batch_size(typed: dict[str, Any], sources: Mapping[str, str]) -> None:
+    """``batch_size`` is global; ``per_device_batch_size``, when set, fixes it at ``per_device x num_workers``
+    (``num_workers`` 0, the driver-process loop, counts as one device), recomputed whenever ``num_workers``
+    changes. A ``batch_size`` given in the same layer must agree."""
+    per_device = typed["per_device_batch_size"]
+    if per_device is None:
+        return
+    if per_device < 1:
+        raise ConfigError(
+            f"per_device_batch_size={per_device} ({sources.get('per_device_batch_size', 'config')}) must be >= 1"
+        )
+    devices = max(typed["num_workers"], 1)
+    derived = per_device * devices
+    if "batch_size" in sources and typed["batch_size"] != derived:
+        raise ConfigError(
+            f"batch_size={typed['batch_size']} ({sources['batch_size']}) is the global batch, but "
+            f"per_device_batch_size={per_device} x num_workers={devices} makes it {derived}; give one of them"
+        )
+    typed["batch_size"] = derived
+
+
 def load_base_config() -> VEmbedConfig:
     """The defaults of ``configs/defaults.yaml`` as a validated config."""
     raw = _canonicalise(_read_yaml(DEFAULTS_PATH), str(DEFAULTS_PATH))
@@ -347,6 +369,8 @@ def merge_configs(
         return base_cfg
     values = base_cfg.to_dict()
     over = override.to_dict() if isinstance(override, VEmbedConfig) else _canonicalise(override, source)
+    if "batch_size" in over and "per_device_batch_size" not in over:
+        values["per_device_batch_size"] = None  # a later global batch size replaces an earlier per-device one
     values.update(over)
     return _build(values, {k: source for k in over})
 

@@ -45,6 +45,17 @@ def _has_image_processor_files(directory: Path) -> bool:
     return processor_config.is_file() and '"image_processor"' in processor_config.read_text()
 
 
+def _hub_repo_lacks(repo_id: str, names: Sequence[str]) -> bool:
+    """True only when the hub repo is known (from the hub, or the cache's record of it) to have none of ``names``:
+    a load that failed for any other reason (offline and not cached, no network, a broken file) must surface."""
+    from vembed.model.hf import model_file
+
+    try:
+        return all(model_file(repo_id, name) is None for name in names)
+    except OSError:
+        return False
+
+
 def load_tokenizer(source: str | Path, trust_remote_code: bool = False) -> Any | None:
     """The tokenizer at ``source`` (local directory or hub id), or None when it ships none."""
     directory = Path(source)
@@ -55,7 +66,9 @@ def load_tokenizer(source: str | Path, trust_remote_code: bool = False) -> Any |
     try:
         return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
-        return None
+        if _hub_repo_lacks(str(source), _TOKENIZER_FILES):
+            return None
+        raise
 
 
 def load_image_processor(source: str | Path, trust_remote_code: bool = False) -> Any | None:
@@ -68,7 +81,9 @@ def load_image_processor(source: str | Path, trust_remote_code: bool = False) ->
     try:
         return AutoImageProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
-        return None
+        if _hub_repo_lacks(str(source), _IMAGE_PROCESSOR_FILES):
+            return None
+        raise
 
 
 def _check_vlm_files(source: str | Path | None, tokenizer: Any | None, image_processor: Any | None) -> None:

@@ -10,7 +10,6 @@ torch Dataset (:func:`read_records`) and the Ray Data datasource (:mod:`vembed.d
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -116,37 +115,52 @@ def first_record(path: str | os.PathLike, schema: RecordSchema) -> dict[str, Any
     raise EmptyDatasetError(f"no records in {os.fspath(path)}: the data set is empty")
 
 
+def _binary_lines(f: IO[bytes], chunk_size: int = 1 << 16) -> Iterator[bytes]:
+    """The lines of a binary file (``\n`` kept), read in chunks: each line is decoded on its own, so a decoding
+    error is reported at its own line, not at the first line of the chunk a text wrapper was decoding."""
+    pending = b""
+    while chunk := f.read(chunk_size):
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
+def _text_lines(f: IO[bytes], path: str) -> Iterator[str]:
+    """The lines of a UTF-8 file, decoded one by one; a byte that is not UTF-8 is reported at its own line."""
+    for lineno, raw in enumerate(_binary_lines(f), start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecordFileError(
+                f"{path}:line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line); "
+                "re-encode the file as UTF-8"
+            ) from exc
+
+
 def _parse_jsonl(f: IO[bytes], path: str) -> Iterator[dict[str, Any]]:
-    text = io.TextIOWrapper(f, encoding="utf-8", newline=None)
-    lineno = 0
-    try:
-        for lineno, line in enumerate(text, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = (
-                    " (a .json file must hold one JSON object per line, not an array)"
-                    if line.lstrip()[:1] == "["
-                    else ""
-                )
-                raise RecordFileError(
-                    f"{path}:line {lineno}: malformed JSON: {exc.msg} at column {exc.colno}{hint}"
-                ) from exc
-            if not isinstance(rec, dict):
-                raise RecordFileError(f"{path}:line {lineno}: expected a JSON object, got {type(rec).__name__}")
-            rec[SOURCE_FIELD] = f"{path}:line {lineno}"
-            yield rec
-    except UnicodeDecodeError as exc:
-        raise RecordFileError(f"{path}:line {lineno + 1}: not UTF-8 text ({exc.reason})") from exc
-    finally:
-        text.detach()  # leave closing the file to its owner
+    for lineno, line in enumerate(_text_lines(f, path), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            hint = (
+                " (a .json file must hold one JSON object per line, not an array)" if line.lstrip()[:1] == "[" else ""
+            )
+            raise RecordFileError(
+                f"{path}:line {lineno}: malformed JSON: {exc.msg} at column {exc.colno}{hint}"
+            ) from exc
+        if not isinstance(rec, dict):
+            raise RecordFileError(f"{path}:line {lineno}: expected a JSON object, got {type(rec).__name__}")
+        rec[SOURCE_FIELD] = f"{path}:line {lineno}"
+        yield rec
 
 
 def _parse_csv(f: IO[bytes], path: str) -> Iterator[dict[str, Any]]:
-    text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-    reader = csv.DictReader(text)
+    reader = csv.DictReader(_text_lines(f, path))
     try:
         for row in reader:
             if None in row:
@@ -155,10 +169,6 @@ def _parse_csv(f: IO[bytes], path: str) -> Iterator[dict[str, Any]]:
             yield row
     except csv.Error as exc:
         raise RecordFileError(f"{path}:line {reader.line_num}: malformed CSV: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise RecordFileError(f"{path}:line {reader.line_num + 1}: not UTF-8 text ({exc.reason})") from exc
-    finally:
-        text.detach()
 
 
 def _parse_parquet(f: IO[bytes], path: str) -> Iterator[dict[str, Any]]:

@@ -29,7 +29,7 @@ Parameters that vembed's forward never uses are frozen so that DDP does not wait
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -101,8 +101,12 @@ def natural_text_pooling(config: PretrainedConfig, source: str) -> str:
     return "last" if _is_causal_text_model(config) else "mean"
 
 
-def _resolve(method: str, natural: str) -> str:
-    return natural if method == "auto" else check_pooling_method(method)
+def _resolve(method: str, natural: str | Callable[[], str]) -> str:
+    """``method``, or for ``auto`` the tower's natural pooling (a callable is only called then: reading a
+    sentence-transformers config may refuse the model, which an explicit method opts out of)."""
+    if method != "auto":
+        return check_pooling_method(method)
+    return natural() if callable(natural) else natural
 
 
 def _text_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -244,7 +248,7 @@ class TextFamily(_SingleBackboneFamily):
 
     @classmethod
     def resolve_pooling(cls, method, modality, backbones, sources):
-        return _resolve(method, natural_text_pooling(unwrap(backbones["backbone"]).config, sources["backbone"]))
+        return _resolve(method, lambda: natural_text_pooling(unwrap(backbones["backbone"]).config, sources["backbone"]))
 
     def output_dims(self) -> dict[str, int]:
         return {"text": unwrap(self.backbone).config.hidden_size}
@@ -296,7 +300,7 @@ class ComposedFamily(EncoderFamily):
         if modality == "image":
             return _resolve(method, "cls")
         text_config = unwrap(backbones["text_encoder"]).config
-        return _resolve(method, natural_text_pooling(text_config, sources["text_encoder"]))
+        return _resolve(method, lambda: natural_text_pooling(text_config, sources["text_encoder"]))
 
     def output_dims(self) -> dict[str, int]:
         return {

@@ -21,6 +21,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from vembed.config import ConfigError, VEmbedConfig, as_config
+from vembed.training.failures import raise_user_error
 from vembed.training.preflight import check_sources
 from vembed.training.worker import make_loop_config, train_loop_per_worker
 
@@ -52,15 +53,55 @@ def local_ray_cpus(config: VEmbedConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(per_worker * config.num_workers) + DATA_PIPELINE_CPUS)
 
 
+# The local Ray instance this process started (its GCS address and logical CPUs), so a later, larger run in the
+# same process (a notebook: 1 worker, then 4) can restart it bigger; a Ray someone else started is never touched.
+_started_here: dict[str, Any] = {}
+
+
 def ensure_ray(config: VEmbedConfig) -> None:
     """Connect to the cluster at ``RAY_ADDRESS`` or one started here with ``ray start``; else start a local one
-    with :func:`local_ray_cpus` logical CPUs."""
+    with :func:`local_ray_cpus` logical CPUs.
+
+    A local instance vembed started earlier in this process that is too small for ``config`` is shut down and
+    started again at the new size (a warning says so; actors and objects of the old instance are gone). Any other
+    Ray instance, connected or started by the caller, is used as it is.
+    """
+    needed = local_ray_cpus(config)
     if ray.is_initialized():
-        return
+        ours = _started_here.get("gcs_address") == ray.get_runtime_context().gcs_address
+        if not ours or _started_here["cpus"] >= needed:
+            return
+        logger.warning(
+            "restarting the local Ray instance vembed started with %d logical CPUs: this run needs %d "
+            "(num_workers=%d plus the data pipeline)",
+            _started_here["cpus"],
+            needed,
+            config.num_workers,
+        )
+        ray.shutdown()
+    _started_here.clear()
     try:
-        ray.init(num_cpus=local_ray_cpus(config), log_to_driver=True)
+        _start_local_ray(needed)
     except ValueError:  # RAY_ADDRESS or a cluster started with `ray start` was found: its size is its own
         ray.init(log_to_driver=True)
+        return
+    _started_here.update(gcs_address=ray.get_runtime_context().gcs_address, cpus=needed)
+
+
+def _start_local_ray(cpus: int) -> None:
+    """``ray.init(num_cpus=cpus)``, tried twice: on a loaded machine the raylet can miss Ray's fixed 30 s
+    registration deadline once ("The current node timed out during startup")."""
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=cpus, log_to_driver=True)
+            return
+        except ValueError:
+            raise
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            logger.warning("the local Ray instance did not start in time; trying once more")
+            ray.shutdown()
 
 
 def wants_gpu(config: VEmbedConfig) -> bool:
@@ -171,9 +212,15 @@ def run_training(config: VEmbedConfig | Mapping[str, Any]) -> ray.train.Result:
     """Train with Ray Train as configured; returns the ``ray.train.Result`` (metrics, checkpoint, path).
 
     User checkpoints land in ``output_dir/checkpoint-epoch-N``; resume checkpoints under
-    ``storage_path/run_name``. A failed run raises Ray Train's ``TrainingFailedError``.
+    ``storage_path/run_name``. A run that failed on bad input raises that error alone, as its own type
+    (``BadRecordError: bad record 'x' at file:line: ...``, see :mod:`vembed.training.failures`); any other failure
+    raises Ray Train's ``TrainingFailedError``.
     """
-    trainer = build_trainer(config)
-    result = trainer.fit()
+    try:
+        result = build_trainer(config).fit()  # build_trainer counts the records in Ray Data tasks: inside too
+    except Exception as exc:
+        logger.debug("training failed", exc_info=exc)  # Ray's full report, for whoever turns on debug logging
+        raise_user_error(exc)
+        raise
     logger.debug("training finished: %s", result.metrics)  # the progress summary and the CLI show them
     return result

@@ -4,7 +4,8 @@ Weight decay pulls parameters towards zero. That regularises weight matrices, bu
 gains and scalars such as a learnable temperature it only shifts activations or sharpens/flattens
 the softmax, so those get no decay (the rule of BERT, CLIP and open_clip). Trainable parameters of
 the loss (learnable temperature, SigLIP bias) are optimised alongside the model: pass the loss
-module in ``extra_modules``.
+module in ``extra_modules``, or hand the optimizer to ``Trainer``, which adds the criterion's parameters it
+lacks (:func:`add_missing_parameters`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from transformers import get_scheduler
 
 from vembed.config import ConfigError, VEmbedConfig, as_config
+from vembed.losses.scale import clamp_after_step
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
@@ -77,12 +79,56 @@ def build_optimizer(
         )
     if cfg.learning_rate <= 0:
         raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-    return torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(
         groups,
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
     )
+    for module in extra_modules:
+        clamp_after_step(optimizer, module)  # learned temperatures stay in range after every step
+    return optimizer
+
+
+def add_missing_parameters(
+    optimizer: torch.optim.Optimizer,
+    module: nn.Module,
+    config: VEmbedConfig | Mapping[str, Any],
+    scheduler: LRScheduler | None = None,
+) -> int:
+    """Add the trainable parameters of ``module`` (the loss) that ``optimizer`` does not hold; returns how many.
+
+    ``build_optimizer(model, config)`` cannot see a loss built after it, so its learnable temperature or SigLIP
+    scale and bias would keep their initial values. They are added as :func:`build_optimizer` groups them (no
+    weight decay on scalars), at the learning rate of the optimizer's first group, and ``scheduler`` (built for
+    the old groups) is extended so the new groups follow the same schedule.
+    """
+    cfg = as_config(config)
+    present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    new_groups = []
+    for group in parameter_groups([module], cfg.weight_decay):
+        params = [p for p in group["params"] if id(p) not in present]
+        if params:
+            new_groups.append({**group, "params": params})
+    if not new_groups:
+        return 0
+    first = optimizer.param_groups[0]
+    base_lr = first.get("initial_lr", first["lr"])
+    for group in new_groups:
+        optimizer.add_param_group({**group, "lr": first["lr"], "initial_lr": base_lr})
+        if scheduler is not None:
+            _extend_scheduler(scheduler, base_lr, first["lr"])
+    return sum(len(g["params"]) for g in new_groups)
+
+
+def _extend_scheduler(scheduler: LRScheduler, base_lr: float, current_lr: float) -> None:
+    """Give ``scheduler`` an entry for a param group added after it was built, copying the first group's rule."""
+    scheduler.base_lrs.append(base_lr)
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr.append(current_lr)
+    lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR / MultiplicativeLR (transformers' schedules)
+    if isinstance(lambdas, list):
+        lambdas.append(lambdas[0])
 
 
 def warmup_steps_for(config: VEmbedConfig, total_steps: int) -> int:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.losses.distributed import all_gather_with_grad
+from vembed.losses.scale import clamp_after_step
 from vembed.model.st_export import push_to_hub, update_model_card
 from vembed.training.checkpointing import (
     TrainingProgress,
@@ -55,6 +56,7 @@ from vembed.training.distributed import (
     unwrap_model,
 )
 from vembed.training.grad_cache import GradCache
+from vembed.training.optimizer_builder import add_missing_parameters
 from vembed.training.progress import ProgressPrinter
 from vembed.training.tracking import Trackers
 
@@ -103,10 +105,11 @@ class Trainer:
     Args:
         model: the embedding model; ``model(**batch)`` returns ``{"query", "positive", ...}``. Already
             wrapped for DDP/FSDP (or to be prepared by ``accelerator``).
-        optimizer: e.g. :func:`~vembed.training.optimizer_builder.build_optimizer` (include the loss's
-            parameters).
+        optimizer: e.g. :func:`~vembed.training.optimizer_builder.build_optimizer`; trainable parameters of
+            ``criterion`` it lacks are added (and ``scheduler`` extended to them).
         dataloader: re-iterable batches (dicts of tensors); ``set_epoch(epoch)`` is called when present.
-        criterion: ``criterion(outputs, batch) -> scalar``, e.g. ``LossFactory.create(config)``.
+        criterion: ``criterion(outputs, batch) -> scalar``, e.g. ``LossFactory.create(config)``; moved to
+            ``device``.
         accelerator: an ``accelerate.Accelerator``; unprepared model/optimizer/data are prepared here.
         config: the vembed config (dict or ``VEmbedConfig``); ``epochs``, ``gradient_accumulation_steps``,
             ``max_grad_norm``, ``mixed_precision``, ``logging_steps``, ``eval_steps``, ``save_steps``,
@@ -161,9 +164,9 @@ class Trainer:
         self.optimizer = optimizer
         self.dataloader = dataloader
         self.val_dataloader = val_dataloader
-        self.criterion = criterion
         self.scheduler = scheduler
         self.device = device or (accelerator.device if accelerator is not None else _model_device(model))
+        self.criterion = self._attach_criterion(criterion, optimizer, scheduler)
         self.progress = progress or TrainingProgress()
         self.model_factory = model_factory
         self.run_info = dict(run_info or {})
@@ -197,8 +200,26 @@ class Trainer:
             return model, optimizer, dataloader, None
         return self.accelerator.prepare(model, optimizer, dataloader, val_dataloader)
 
+    def _attach_criterion(
+        self,
+        criterion: Callable[..., Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    ) -> Callable[..., Tensor]:
+        """Make the loss's own parameters train: move the criterion to the training device, add its trainable
+        parameters the optimizer lacks (``build_optimizer(model, config)`` cannot see a loss built after it), and
+        clamp its learned temperatures after every optimizer step."""
+        if not isinstance(criterion, nn.Module):
+            return criterion
+        criterion.to(self.device)
+        added = add_missing_parameters(optimizer, criterion, self.config, scheduler)
+        if added:
+            logger.info("added %d trainable parameter(s) of %s to the optimizer", added, type(criterion).__name__)
+        clamp_after_step(optimizer, criterion)
+        return criterion
+
     def _load_teacher(self) -> nn.Module | None:
-        """The frozen teacher named by ``teacher_model_name`` (it must read the student's batches)."""
+        """The frozen teacher named by ``teacher_model_name``; refused when its preprocessing is not the student's."""
         cfg = self.config
         if cfg.teacher_model_name is None:
             return None
@@ -207,10 +228,9 @@ class Trainer:
                 f"teacher_model_name is set but loss_type is {cfg.loss_type!r}; set loss_type: distillation "
                 "(or drop teacher_model_name)"
             )
-        from vembed.training.model_builder import build_model
+        from vembed.training.teacher import load_teacher
 
-        teacher = build_model(cfg.replace(model_name=cfg.teacher_model_name, use_lora=False, torch_compile=False))
-        return teacher.requires_grad_(False).eval().to(self.device)
+        return load_teacher(cfg, self.device)
 
     # -- the step ---------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

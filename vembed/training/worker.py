@@ -25,6 +25,7 @@ from torch import nn
 from vembed.config import VEmbedConfig, as_config
 from vembed.training.checkpointing import TrainingProgress
 from vembed.training.distributed import distributed_world, select_device, wrap_model
+from vembed.training.failures import raise_user_error
 from vembed.training.optimizer_builder import build_optimizer, build_scheduler
 from vembed.training.progress import quiet_ray_train_reports
 from vembed.training.training_loop import Trainer
@@ -53,7 +54,14 @@ def make_loop_config(
 
 
 def local_batch_size(config: VEmbedConfig, world_size: int) -> int:
-    """``batch_size`` is global: each of the ``world_size`` workers takes an equal share."""
+    """``batch_size`` is global: each of the ``world_size`` workers takes an equal share (``per_device_batch_size``
+    when that was given: the config made ``batch_size`` its multiple for ``num_workers`` workers)."""
+    per_device = config.per_device_batch_size
+    if per_device is not None and per_device * world_size != config.batch_size:
+        raise ValueError(
+            f"per_device_batch_size={per_device} was resolved for num_workers={config.num_workers} "
+            f"(batch_size={config.batch_size}) but the run has {world_size} workers; set num_workers={world_size}"
+        )
     if config.batch_size % world_size:
         raise ValueError(
             f"batch_size={config.batch_size} (global) does not split evenly over {world_size} workers; "
@@ -106,35 +114,8 @@ class ShardLoader:
         try:
             yield from batches
         except Exception as exc:
-            data_error = _data_error(exc)
-            if data_error is None:
-                raise
-            raise data_error from None  # the record's own message, not Ray's truncated UDF traceback
-
-
-def _data_error(exc: BaseException) -> ValueError | None:
-    """The vembed data error (bad record, malformed file) a Ray Data failure was caused by, if any.
-
-    Ray wraps an exception raised in a Data task in errors whose message it truncates; re-raising
-    the original keeps "bad record 'x' at file:line: image not found" in front of the user.
-    """
-    from ray.exceptions import RayError
-
-    from vembed.data.batching import BadRecordError
-    from vembed.data.readers import RecordFileError
-    from vembed.data.records import RecordError
-
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, (BadRecordError, RecordError, RecordFileError)) and not isinstance(current, RayError):
-            return type(current)(*current.args)
-        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
-    return None
+            raise_user_error(exc)  # the record's own message, not Ray's truncated UDF traceback
+            raise
 
 
 def build_training_model(config: VEmbedConfig) -> nn.Module:
