@@ -84,24 +84,21 @@ def one_line(exc: BaseException) -> str:
 
 
 def find_user_error(exc: BaseException) -> BaseException | None:
-    """``exc`` itself when it is a user error, else the first user error it wraps, so a bad record raised inside a
-    Ray worker still reaches the user as itself: ``__cause__``, Ray's ``.cause`` (task errors), and Ray Train's
-    ``worker_failures`` / ``controller_failure`` (a failed run). (Hook point: a shared Ray error-unwrapping
-    helper can replace the walk below.)"""
+    """``exc`` itself when it is a user error, else the first user error it wraps (walking the wrappers Ray keeps
+    the original in: :func:`vembed.training.failures.wrapped_exceptions`), so a bad record raised inside a Ray
+    worker still reaches the user as itself."""
+    from vembed.training.failures import wrapped_exceptions
+
     seen: set[int] = set()
-    pending: list[BaseException] = [exc]
+    pending: list[BaseException | None] = [exc]
     while pending:
         current = pending.pop(0)
-        if id(current) in seen:
+        if current is None or id(current) in seen:
             continue
         seen.add(id(current))
         if isinstance(current, USER_ERROR_TYPES) and not _is_internal(current):
             return current
-        wrapped = [current.__cause__, getattr(current, "cause", None), getattr(current, "controller_failure", None)]
-        failures = getattr(current, "worker_failures", None)
-        if isinstance(failures, dict):
-            wrapped += list(failures.values())
-        pending += [w for w in wrapped if isinstance(w, BaseException)]
+        pending.extend(wrapped_exceptions(current, context=False))  # an error while handling another is a bug
     return None
 
 

@@ -28,10 +28,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (BadRecordError, RecordError, RecordFileError, EmptyDatasetError, BadImageError, ConfigError)
 
 
-def _wrapped(exc: BaseException) -> Iterator[BaseException | None]:
-    """The exceptions ``exc`` wraps: Python's chain plus the attributes Ray keeps the original in."""
+def wrapped_exceptions(exc: BaseException, context: bool = True) -> Iterator[BaseException | None]:
+    """The exceptions ``exc`` wraps: Python's chain (``__context__`` too unless ``context=False``) plus the
+    attributes Ray keeps the original in."""
     yield exc.__cause__
-    yield exc.__context__
+    if context:
+        yield exc.__context__
     yield getattr(exc, "cause", None)  # RayTaskError
     yield getattr(exc, "_base_exc", None)  # Ray Train's UserExceptionWithTraceback
     yield getattr(exc, "controller_failure", None)  # Ray Train's ControllerError
@@ -65,7 +67,7 @@ def user_error(exc: BaseException) -> BaseException | None:
                 return type(current)(*args)
             except TypeError:  # a subclass with another constructor: the instance itself
                 return current
-        pending.extend(_wrapped(current))
+        pending.extend(wrapped_exceptions(current))
     return None
 
 
