@@ -325,7 +325,7 @@ def _read_manifest_with_ray_data(
     options: dict[str, Any] = {"filesystem": manifest.filesystem}
     try:
         if fmt == "jsonl":
-            dataset = ray.data.read_json(manifest.path, lines=True, file_extensions=None, **options)
+            dataset = ray.data.read_json(manifest.path, file_extensions=None, **options)  # JSONL: a row a line
         elif fmt == "csv":
             import pyarrow.csv as pacsv
 
