@@ -12,7 +12,9 @@ them needs 2 CPUs besides (its read and preprocessing tasks). The training job u
 which the head (8 CPUs) can hold together with the pipeline; while it starts, another job holds 4 of the head's
 CPUs, so the workers land one per node (the run spans both nodes); that job then ends, the worker node is killed,
 and Ray Train must restart both workers on the head. One job does all this because every Ray Train start costs
-about a minute on 2 cores. The node-loss test runs last: it leaves the cluster with the head only.
+about a minute on 2 cores. The same test then joins a new worker node (``start.sh --join``) and runs an embedding
+job with the trained checkpoint whose model actors write shards on both nodes, kills that node mid-job too, and
+reruns the job. The node-loss test runs last: it leaves the cluster with the head only.
 """
 
 from __future__ import annotations
