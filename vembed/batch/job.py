@@ -133,12 +133,10 @@ def embed_corpus(
 
     if pending:
         pool = resolve_actor_pool(num_actors, min_actors, max_actors, num_gpus_per_actor, max_decoders, cluster)
-        items = pending_blocks(listing, done, shard_size)
         rows_per_block = block_rows(progress.pending_rows, batch_size, shard_size, pool.max_size + pool.max_decoders)
+        items = pending_blocks(listing, done, shard_size, rows_per_block)
         writer = FragmentWriter(store, shard_size, num_items, format)
-        dataset = build_dataset(
-            items, rows_per_block, modality, model["model_path"], pool, batch_size, dtype, dim, writer
-        )
+        dataset = build_dataset(items, modality, model["model_path"], pool, batch_size, dtype, dim, writer)
         _follow(dataset, store, manifest, progress, fail_after_shards)
         unfinished = sorted(s.index for s in pending if not store.is_complete(s))
         if unfinished:
@@ -314,27 +312,39 @@ def _check_options(
         raise ValueError("num_actors fixes the pool size; pass either num_actors or min_actors/max_actors")
 
 
-def pending_blocks(listing: Listing, done: set[int], shard_size: int) -> list[Any]:
-    """The rows of the shards not in ``done``, with their corpus ``position``, as refs of Arrow blocks made by one
-    Ray task per listing block (the driver only passes each block its offset and the done shards it overlaps)."""
+def pending_blocks(listing: Listing, done: set[int], shard_size: int, rows_per_block: int) -> list[Any]:
+    """The rows of the shards not in ``done``, with their corpus ``position``, as refs of Arrow blocks of at most
+    ``rows_per_block`` rows (cut at multiples of it), made by one Ray task per listing block; the driver passes each
+    task only its block's offset and the done shards the block overlaps.
+
+    Returns once the blocks exist: the pipeline's actors may hold every CPU, and these tasks need one.
+    """
     import ray
 
-    cut = ray.remote(_pending_rows).options(num_cpus=0.5)
     refs = []
     for block, offset, count in zip(listing.blocks, listing.offsets, listing.counts, strict=True):
         overlapping = range(offset // shard_size, (offset + count - 1) // shard_size + 1)
         skip = [index for index in overlapping if index in done]
-        if len(skip) < len(overlapping):
-            refs.append(cut.remote(block, offset, shard_size, skip))
+        if len(skip) == len(overlapping):
+            continue
+        pieces = (offset + count - 1) // rows_per_block - offset // rows_per_block + 1
+        cut = ray.remote(_pending_rows).options(num_cpus=0.5, num_returns=pieces)
+        made = cut.remote(block, offset, shard_size, skip, rows_per_block)
+        refs.extend([made] if pieces == 1 else made)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
     return refs
 
 
-def _pending_rows(table: pa.Table, offset: int, shard_size: int, skip: list[int]) -> pa.Table:
+def _pending_rows(
+    table: pa.Table, offset: int, shard_size: int, skip: list[int], rows_per_block: int
+) -> pa.Table | list[pa.Table]:
     positions = np.arange(offset, offset + table.num_rows, dtype=np.int64)
     table = table.select(["id", "source"]).add_column(0, "position", pa.array(positions))
-    if skip:
-        table = table.filter(pa.array(~np.isin(positions // shard_size, skip)))
-    return table
+    keep = ~np.isin(positions // shard_size, skip)
+    piece = positions // rows_per_block
+    parts = [table.filter(pa.array(keep & (piece == k))) for k in range(int(piece[0]), int(piece[-1]) + 1)]
+    return parts[0] if len(parts) == 1 else parts
 
 
 def ids_digest(listing: Listing) -> str:

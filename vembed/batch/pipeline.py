@@ -141,7 +141,6 @@ class EmbedAndWrite(Embedder):
 
 def build_dataset(
     items: list[Any],
-    rows_per_block: int,
     modality: str,
     model_path: str,
     pool: ActorPool,
@@ -151,12 +150,11 @@ def build_dataset(
     writer: FragmentWriter,
 ) -> Any:
     """The streaming dataset that embeds and writes ``items`` (refs of Arrow tables with ``position``, ``id``,
-    ``source``); its rows are the writer's progress reports."""
+    ``source``; their size is the job's :func:`~vembed.batch.job.block_rows`); its rows are the writer's progress
+    reports. The first stage is an actor stage: a task stage before it would wait for CPUs the actors hold."""
     import ray
 
-    # Blocks of a few model batches (the job picks ``rows_per_block``) spread decoding over the decode workers from
-    # the first rows while keeping the driver's per-block scheduling work independent of the corpus size.
-    dataset = ray.data.from_arrow_refs(items).repartition(target_num_rows_per_block=rows_per_block)
+    dataset = ray.data.from_arrow_refs(items)
     if modality == "image":
         dataset = dataset.map_batches(
             Decoder,
