@@ -335,16 +335,12 @@ def _read_manifest_with_ray_data(
             dataset = ray.data.read_csv(manifest.path, convert_options=convert, **options)
         else:
             dataset = ray.data.read_parquet(manifest.path, **options)
-        columns = dataset.schema().names
     except Exception as exc:  # noqa: BLE001 -- Ray wraps the reader's error; say which file could not be read
         raise CorpusError(f"manifest {manifest.uri!r} cannot be read as {fmt}: {_cause(exc)}") from exc
     where = manifest.uri
-    record = dict.fromkeys(columns)
-    _require_column(record, [id_name], where, "id", "--id-column")
-    source_name = _require_column(record, candidates, where, f"{modality} source", "--source-column")
     dataset = dataset.map_batches(
         id_source_block,
-        fn_kwargs={"id_name": id_name, "source_name": source_name, "modality": modality, "root": root},
+        fn_kwargs={"id_names": [id_name], "source_names": candidates, "modality": modality, "root": root},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=0.5,
@@ -368,9 +364,15 @@ def _read_manifest_with_ray_data(
     return Listing(blocks, counts, modality, manifest.uri)
 
 
-def id_source_block(table: pa.Table, id_name: str, source_name: str, modality: str, root: str) -> pa.Table:
-    """One block of manifest records -> ``id`` and ``source`` strings, relative image paths resolved onto
-    ``root``; an empty id is an error."""
+def id_source_block(
+    table: pa.Table, id_names: list[str], source_names: list[str], modality: str, root: str
+) -> pa.Table:
+    """One block of manifest records -> ``id`` and ``source`` strings (the first of ``id_names`` /
+    ``source_names`` present), relative image paths resolved onto ``root``; a missing column or an empty id is an
+    error that names the option to fix it."""
+    record = dict.fromkeys(table.column_names)
+    id_name = _require_column(record, id_names, "manifest", "id", "--id-column")
+    source_name = _require_column(record, source_names, "manifest", f"{modality} source", "--source-column")
     ids = pc.cast(table.column(id_name), pa.string())
     if ids.null_count or pc.any(pc.equal(ids, "")).as_py():
         raise CorpusError(f"the id column {id_name!r} is empty in some record; every record needs an id")
