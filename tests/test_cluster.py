@@ -336,11 +336,12 @@ def test_training_spans_both_nodes_survives_losing_one_and_its_checkpoint_embeds
     predictor = VEmbedFactoryPredictor(str(checkpoint))
     images = sorted(Path(job_data["images"]).rglob("*.jpg"))
     corpus = tmp_path / "corpus"
-    for copy in range(12):  # 384 images in 12 subdirectories (listed by a task each), 48 shards
+    for copy in range(12):  # 12 copies in subdirectories (listed by a task each); shards of 8
         (corpus / f"c{copy:02d}").mkdir(parents=True)
         for path in images:
             shutil.copy(path, corpus / f"c{copy:02d}" / path.name)
     ids = sorted(str(p.relative_to(corpus)) for p in corpus.rglob("*.jpg"))
+    shards = -(-len(ids) // 8)
     embeddings = tmp_path / "embeddings"
     embed = ["python", "ray_jobs/embed.py", "--model", str(checkpoint), "--input", str(corpus)]
     embed += ["--output", str(embeddings), "--modality", "image", "--batch-size", "4", "--shard-size", "8"]
@@ -358,7 +359,7 @@ def test_training_spans_both_nodes_survives_losing_one_and_its_checkpoint_embeds
         time.sleep(0.2)
     killed = _stop(cluster.dir, "--node", "worker-2", "--kill")
     assert killed.returncode == 0, killed.stdout + killed.stderr
-    assert seen["shards_done"] < seen["shards_total"] == 48, "the node must die mid-job"
+    assert seen["shards_done"] < seen["shards_total"] == shards, "the node must die mid-job"
     first_run = _wait(cluster, "embed-images")  # Ray Data may carry on on the head, or the job fails: either way
     _submit(cluster, "embed-images-rerun", embed)
     assert _wait(cluster, "embed-images-rerun") == "SUCCEEDED", f"{first_run}: {_logs(cluster, 'embed-images-rerun')}"
@@ -366,10 +367,10 @@ def test_training_spans_both_nodes_survives_losing_one_and_its_checkpoint_embeds
     table = read_embeddings(str(embeddings))
     assert table.column("id").to_pylist() == ids, "every image exactly once, in shard order"
     nodes = writer_nodes(str(embeddings))
-    assert len(nodes) == 48 and set(nodes.values()) == {head, second}, "shards written on both nodes"
+    assert len(nodes) == shards and set(nodes.values()) == {head, second}, "shards written on both nodes"
     by_id = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist(), strict=True))
     sample = ids[:: len(ids) // 24]
     expected = predictor.encode_image([str(corpus / i) for i in sample])
     np.testing.assert_allclose(np.array([by_id[i] for i in sample]), expected, atol=1e-5)
     runs = read_manifest(str(embeddings))["runs"]
-    assert sum(run["shards_written"] for run in runs) + runs[-1]["shards_skipped"] >= 48
+    assert runs[-1]["shards_skipped"] + runs[-1]["shards_written"] == shards
