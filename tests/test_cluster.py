@@ -258,6 +258,7 @@ def test_clients_without_the_token_are_refused(cluster, tmp_path):
     assert "InvalidAuthToken" in driver.stderr
 
 
+@pytest.mark.timeout(2400)  # two jobs that each lose a node, and a node joining: past the suite's 900 s here
 def test_training_spans_both_nodes_survives_losing_one_and_its_checkpoint_embeds_a_corpus(cluster, job_data, tmp_path):
     """A training job starts one worker per node; the worker node is killed mid-run, Ray Train restarts both
     workers on the head and the job still succeeds. A new worker node joins, and an embedding job embeds images with
