@@ -383,13 +383,26 @@ def id_source_block(
 
 
 def _cause(exc: BaseException) -> BaseException:
-    """The user's exception inside Ray's wrappers (RayTaskError, UserCodeException)."""
-    seen = exc
-    while True:
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is None or nxt is seen:
-            return seen
-        seen = nxt
+    """The user's exception inside Ray's wrappers (RayTaskError, UserCodeException): the first
+    :class:`CorpusError` along the chain of causes, else the innermost cause. Ray Data sometimes keeps only the
+    traceback text of a task's error; a ``CorpusError: ...`` line there is recovered as one."""
+    chain, seen = [exc], set()
+    while chain:
+        current = chain.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, CorpusError):
+            return CorpusError(str(current).splitlines()[-1] if "\n" in str(current) else str(current))
+        chain += [e for e in (getattr(current, "cause", None), current.__cause__, current.__context__) if e]
+    for text in (str(exc), *(str(getattr(e, "cause", "")) for e in [exc])):
+        for line in reversed(text.splitlines()):
+            if "CorpusError: " in line:
+                return CorpusError(line.split("CorpusError: ", 1)[1])
+    innermost = exc
+    while (nxt := getattr(innermost, "cause", None) or innermost.__cause__) is not None and nxt is not innermost:
+        innermost = nxt
+    return innermost
 
 
 def find_repeated_ids(blocks: list[Any], num_items: int, limit: int = 5) -> list[str]:
