@@ -116,13 +116,13 @@ def plain_loop(model: Path, paths: list[str]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def ray_job(model: Path, manifest: Path, output: Path, count: int) -> dict[str, float]:
+def ray_job(model: Path, manifest: Path, output: Path, count: int, actors: int | None) -> dict[str, float]:
     """Images/s of ``embed_corpus`` over the manifest: end to end (actor start-up and model loading included), and
-    after the first rows came back (the job's ``steady_rows_per_s``)."""
+    after the first rows came back (the job's ``steady_rows_per_s``). ``actors``: model actors (None: default)."""
     from vembed.batch import embed_corpus
 
     start = time.perf_counter()
-    summary = embed_corpus(str(model), str(manifest), str(output), batch_size=BATCH, overwrite=True)
+    summary = embed_corpus(str(model), str(manifest), str(output), batch_size=BATCH, num_actors=actors, overwrite=True)
     seconds = time.perf_counter() - start
     if summary["embedded"] != count:
         raise RuntimeError(f"the job embedded {summary['embedded']} of {count} images: {summary}")
@@ -187,19 +187,94 @@ def measure_memory(model: Path, manifest: Path, output: Path) -> dict[str, float
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def driver_run(model: Path, manifest: Path, output: Path) -> dict[str, float]:
+    """In a fresh process: start Ray, run a text job with 2 model actors, and return the driver's own cost: peak
+    RSS (MiB, sampled every 0.05 s) and CPU seconds (user + system of this process only) over the job."""
+    import psutil
+    import ray
+
+    from vembed.batch import embed_corpus
+
+    ray.init(
+        num_cpus=os.cpu_count(),
+        object_store_memory=OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    me = psutil.Process()
+    idle = me.memory_info().rss
+    peak = [idle]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu = me.cpu_times()
+    start = time.perf_counter()
+    summary = embed_corpus(
+        str(model), str(manifest), str(output), modality="text", batch_size=BATCH, num_actors=2, overwrite=True
+    )
+    seconds = time.perf_counter() - start
+    used = me.cpu_times()
+    done.set()
+    sampler.join()
+    ray.shutdown()
+    return {
+        "peak_mib": peak[0] / 2**20,
+        "idle_mib": idle / 2**20,
+        "cpu_s": (used.user - cpu.user) + (used.system - cpu.system),
+        "seconds": seconds,
+        "rows": summary["embedded"],
+    }
+
+
+def measure_driver(work: Path, count: int) -> dict[str, float]:
+    """:func:`driver_run` over ``count`` short texts (``item N: a red square``) with a tiny BERT, in a subprocess."""
+    from vembed.testing import make_tiny_bert
+
+    model = work / "bert"
+    if not (model / "config.json").exists():
+        make_tiny_bert(model)
+    manifest = work / f"texts-{count}.jsonl"
+    if not manifest.exists():
+        manifest.write_text(
+            "".join(json.dumps({"id": f"t{i:08d}", "text": f"item {i}: a red square"}) + "\n" for i in range(count))
+        )
+    command = [sys.executable, __file__, "--_driver-run", str(model), str(manifest), str(work / f"out-text-{count}")]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"driver run failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="images for the throughput comparison")
     parser.add_argument("--memory-images", type=int, nargs=2, default=[2000, 20000], help="small and large corpus")
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds of (a) and (b)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vembed-embed-bench"), help="data and output folder")
+    parser.add_argument("--actors", type=int, default=2, help="model actors of the throughput job (0: default)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--driver-items", type=int, nargs=2, default=[20000, 200000], help="small and large text corpus (driver cost)"
+    )
+    parser.add_argument("--skip-driver", action="store_true")
     parser.add_argument("--_memory-run", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_driver-run", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
     if args._memory_run:
         model, manifest, output = (Path(p) for p in args._memory_run)
         print(json.dumps(memory_run(model, manifest, output)))
+        return
+    if args._driver_run:
+        model, manifest, output = (Path(p) for p in args._driver_run)
+        print(json.dumps(driver_run(model, manifest, output)))
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -216,7 +291,7 @@ def main() -> None:
     plain, job = [], []
     for _ in range(args.repeats):
         plain.append(plain_loop(model, paths[: args.images]))
-        job.append(ray_job(model, manifest, args.work / "out-throughput", args.images))
+        job.append(ray_job(model, manifest, args.work / "out-throughput", args.images, args.actors or None))
     ray.shutdown()
 
     plain_rate = statistics.median(plain)
@@ -230,7 +305,7 @@ def main() -> None:
             ("decode + preprocess, 1 thread (ms/image)", f"{costs['decode_ms']:.2f}"),
             ("small ViT forward, 1 thread (ms/image)", f"{costs['model_ms']:.2f}"),
             (f"(a) plain loop, {args.images} images (images/s)", f"{plain_rate:.1f}"),
-            (f"(b) Ray Data job end to end, {args.images} images (images/s)", f"{job_rate:.1f}"),
+            (f"(b) Ray Data job, {args.actors or 'default'} model actors, end to end (images/s)", f"{job_rate:.1f}"),
             ("(b) after start-up (images/s)", f"{steady_rate:.1f}"),
             ("(b) start-up: actors, imports, model load (s)", f"{statistics.median(r['startup_s'] for r in job):.1f}"),
             ("(b) / (a) end to end  [goal >= 1.2]", f"{job_rate / plain_rate:.2f}"),
@@ -241,6 +316,23 @@ def main() -> None:
             ),
         ]
     )
+    if not args.skip_driver:
+        small, large = args.driver_items
+        drv = {n: measure_driver(args.work, n) for n in (small, large)}
+        print_table(
+            [
+                (f"driver peak RSS, {small} texts (MiB)", f"{drv[small]['peak_mib']:.0f}"),
+                (f"driver peak RSS, {large} texts (MiB)", f"{drv[large]['peak_mib']:.0f}"),
+                (f"peak {large} / {small}  [goal <= 1.2]", f"{drv[large]['peak_mib'] / drv[small]['peak_mib']:.2f}"),
+                ("driver RSS before the job (MiB)", f"{drv[small]['idle_mib']:.0f} / {drv[large]['idle_mib']:.0f}"),
+                (f"driver CPU s, {small} / {large} texts", f"{drv[small]['cpu_s']:.1f} / {drv[large]['cpu_s']:.1f}"),
+                (f"CPU {large} / {small}  [goal <= 1.2]", f"{drv[large]['cpu_s'] / drv[small]['cpu_s']:.2f}"),
+                (
+                    f"job texts/s at {small} / {large}",
+                    f"{small / drv[small]['seconds']:.0f} / {large / drv[large]['seconds']:.0f}",
+                ),
+            ]
+        )
     if args.skip_memory:
         return
     small, large = args.memory_images

@@ -22,10 +22,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from vembed.batch.cli import add_arguments
-from vembed.batch.job import resolve_actor_pool, split_rows
-from vembed.batch.shards import Shard, ShardAssembler, plan_shards
+from vembed.batch.job import block_rows, resolve_actor_pool
+from vembed.batch.progress import JobProgress, index_ranges
+from vembed.batch.shards import Shard, plan_shards
 from vembed.batch.sources import CorpusError, load_corpus
-from vembed.batch.writer import OutputExistsError, OutputStore, embeddings_table, errors_table, read_embeddings
+from vembed.batch.writer import (
+    FragmentWriter,
+    OutputExistsError,
+    OutputStore,
+    embeddings_table,
+    errors_table,
+    fragment_table,
+    read_embeddings,
+    read_errors,
+    writer_nodes,
+)
 
 
 def _vectors(table: pa.Table) -> np.ndarray:
@@ -55,32 +66,6 @@ def test_plan_shards_covers_every_position_once():
     assert plan_shards(0, 5) == []
     with pytest.raises(ValueError, match="shard_size"):
         plan_shards(10, 0)
-
-
-@pytest.mark.unit
-def test_assembler_rebuilds_shards_in_position_order_from_shuffled_batches():
-    pending = [Shard(0, 0, 4), Shard(2, 8, 11)]  # shard 1 already done
-    assembler = ShardAssembler(pending, shard_size=4)
-    rng = np.random.default_rng(0)
-    positions = rng.permutation([0, 1, 2, 3, 8, 9, 10])
-    completed = []
-    for chunk in np.array_split(positions, 3):
-        batch = {"position": chunk, "id": np.array([f"id{p}" for p in chunk], dtype=object)}
-        completed += list(assembler.add(batch))
-    assert sorted(shard.index for shard, _ in completed) == [0, 2]
-    for shard, columns in completed:
-        assert columns["position"].tolist() == list(range(shard.start, shard.stop))
-        assert columns["id"].tolist() == [f"id{p}" for p in range(shard.start, shard.stop)]
-    assert assembler.remaining == 0 and assembler.open_shards == 0
-
-
-@pytest.mark.unit
-def test_assembler_refuses_rows_of_done_shards_and_duplicates():
-    assembler = ShardAssembler([Shard(0, 0, 2)], shard_size=2)
-    with pytest.raises(RuntimeError, match="shard 1"):
-        list(assembler.add({"position": np.array([2])}))
-    with pytest.raises(RuntimeError, match="duplicates or gaps"):
-        list(assembler.add({"position": np.array([1, 1])}))
 
 
 # ------------------------------------------------------------------------------------------------ unit: sources
@@ -144,7 +129,9 @@ def test_shard_files_hold_ids_sources_and_fixed_size_vectors(tmp_path, fmt):
         "error": np.array(["", "BadImageError: /b.jpg: not an image", ""], dtype=object),
         "embedding": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
     }
-    embeddings, errors = split_rows(columns, fmt)
+    good, bad = columns["error"] == "", columns["error"] != ""
+    embeddings = embeddings_table(columns["id"][good], columns["source"][good], columns["embedding"][good], fmt)
+    errors = errors_table(columns["id"][bad], columns["source"][bad], columns["error"][bad])
     store = OutputStore(str(tmp_path))
     store.open({"job": 1}, overwrite=False)
     store.write_shard(Shard(3, 30, 33), embeddings, errors)
@@ -175,6 +162,88 @@ def test_store_resumes_same_job_refuses_another_and_overwrite_starts_over(tmp_pa
         store.open({**job, "dim": 64}, overwrite=False)
     assert store.open({**job, "dim": 64}, overwrite=True) == set()
     assert store.read_manifest() is None
+
+
+def _embedded_batch(positions, dim: int = 3) -> dict[str, np.ndarray]:
+    """What a model actor hands its writer: rows at ``positions`` (every third one bad), vectors from the position."""
+    positions = np.asarray(positions, dtype=np.int64)
+    bad = positions % 3 == 2
+    return {
+        "position": positions,
+        "id": np.array([f"id{p}" for p in positions], dtype=object),
+        "source": np.array([f"/src/{p}.jpg" for p in positions], dtype=object),
+        "error": np.array(["OSError: unreadable" if b else "" for b in bad], dtype=object),
+        "embedding": np.where(bad[:, None], 0.0, positions[:, None] + np.arange(dim) / 10).astype(np.float32),
+    }
+
+
+@pytest.mark.unit
+def test_workers_fragments_finish_each_shard_once_whatever_the_order_retries_and_crashes(tmp_path):
+    """Batches spanning shards, in shuffled order, with a retried batch and a crashed run's fragment: every shard
+    file holds each of its positions once, in order, errors apart; later copies of finished rows are dropped."""
+    store = OutputStore(str(tmp_path))
+    store.open({"job": 1}, overwrite=False)
+    writer = FragmentWriter(store, shard_size=5, num_items=13, fmt="float32")  # shards [0,5) [5,10) [10,13)
+    store.write_fragment(Shard(1, 5, 10), fragment_table(_embedded_batch([5, 6, 7]), "float32"))  # a killed run's
+    rng = np.random.default_rng(1)
+    order = rng.permutation(13)
+    batches = [order[:4], order[4:9], order[9:]]
+    reports = [writer(_embedded_batch(b)) for b in [batches[0], batches[1], batches[1], batches[2]]]  # one retry
+    finished = [int(s) for r in reports for s, done in zip(r["shard"], r["done_rows"], strict=True) if done >= 0]
+    assert sorted(finished) == [0, 1, 2], "each shard is finished by exactly one write"
+    assert sum(int(r["rows"].sum()) for r in reports[:2] + reports[3:]) == 13
+    table = read_embeddings(str(tmp_path))
+    good = [p for p in range(13) if p % 3 != 2]
+    assert table.column("id").to_pylist() == [f"id{p}" for p in good]
+    np.testing.assert_allclose(_vectors(table), np.array([[p, p + 0.1, p + 0.2] for p in good]), rtol=1e-6)
+    errors = read_errors(str(tmp_path)).column("id").to_pylist()
+    assert errors == [f"id{p}" for p in range(13) if p % 3 == 2]
+    assert store.fragment_shards() == set() and not list((tmp_path / "_fragments").iterdir())
+    again = writer(_embedded_batch([0, 1, 12]))  # a retried task after the shards were finished
+    assert again["done_rows"].tolist() == [-1, -1] and store.fragment_shards() == set()
+    assert read_embeddings(str(tmp_path)).num_rows == len(good)
+    assert set(writer_nodes(str(tmp_path))) == {"part-00000.parquet", "part-00001.parquet", "part-00002.parquet"}
+
+
+@pytest.mark.unit
+def test_fragments_that_repeat_rows_do_not_finish_a_shard_early(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.open({"job": 1}, overwrite=False)
+    writer = FragmentWriter(store, shard_size=4, num_items=4, fmt="float16")
+    writer(_embedded_batch([0, 1]))
+    writer(_embedded_batch([1, 2]))  # counts add up to 4, but position 3 is missing
+    assert store.completed_shards() == set()
+    report = writer(_embedded_batch([3]))
+    assert report["done_rows"].tolist() == [4] and report["done_errors"].tolist() == [1]
+    table = read_embeddings(str(tmp_path))
+    assert table.column("id").to_pylist() == ["id0", "id1", "id3"]
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 3)
+
+
+@pytest.mark.unit
+def test_progress_counts_shards_rows_errors_and_ranges():
+    progress = JobProgress(total_shards=6, done_before=[0, 1], pending_rows=40)
+    report = {
+        "shard": np.array([2, 3, 3]),
+        "rows": np.array([5, 5, 5]),
+        "errors": np.array([1, 0, 2]),
+        "done_rows": np.array([10, -1, 10]),
+        "node": np.array(["n1", "n2", "n2"], dtype=object),
+    }
+    assert progress.update(report) == [2, 3]
+    figures = progress.report()
+    assert (figures["shards_done"], figures["rows"], figures["errors"]) == (4, 15, 3)
+    assert figures["writer_nodes"] == {"n1": 1, "n2": 1} and figures["done_shards"] == [[0, 3]]
+    assert "4/6 shards, 15/40 rows" in progress.line() and "3 errors so far" in progress.line()
+    assert index_ranges({7, 0, 1, 2, 5}) == [[0, 2], [5, 5], [7, 7]]
+
+
+@pytest.mark.unit
+def test_block_rows_grow_with_the_corpus_up_to_a_shard():
+    assert block_rows(100, batch_size=64, shard_size=4096, workers=3) == 64
+    assert block_rows(20_000, batch_size=64, shard_size=4096, workers=3) == 1728
+    assert block_rows(200_000, batch_size=64, shard_size=4096, workers=3) == 4096
+    assert block_rows(10**9, batch_size=64, shard_size=4096, workers=300) == 4096
 
 
 @pytest.mark.unit
@@ -263,6 +332,8 @@ def test_job_vectors_equal_predictor_per_id_under_parallel_actors(image_run, mix
 
 @pytest.mark.ray
 def test_bad_files_are_listed_exactly_in_errors(image_run, mixed_corpus):
+    import ray
+
     from vembed.batch import read_errors, read_manifest
 
     errors = {row["id"]: row for row in read_errors(str(image_run["output"])).to_pylist()}
@@ -274,7 +345,9 @@ def test_bad_files_are_listed_exactly_in_errors(image_run, mixed_corpus):
     assert errors[ids["gone.jpg"]]["source"] == str(mixed_corpus["root"] / "gone.jpg")
     summary = image_run["summary"]
     assert (summary["items"], summary["embedded"], summary["errors"]) == (25, 22, 3)
-    assert summary["max_open_shards"] == 1  # rows stream in order: the driver holds one partial shard at a time
+    # The model actors wrote every shard (the driver saw only their reports), each recording its node.
+    node = ray.get_runtime_context().get_node_id()
+    assert summary["writer_nodes"] == {node: 4} and set(writer_nodes(str(image_run["output"])).values()) == {node}
     manifest = read_manifest(str(image_run["output"]))
     assert manifest["status"] == "complete" and manifest["counts"] == {
         "items": 25,
@@ -321,16 +394,22 @@ def test_killed_driver_then_rerun_writes_every_id_exactly_once(text_run):
     from vembed.inference import VEmbedFactoryPredictor
 
     assert text_run["returncode"] == -signal.SIGKILL, text_run["stderr"]
-    assert text_run["parts_after_kill"] == ["part-00000.parquet", "part-00001.parquet"]
-    assert text_run["status_after_kill"] == "running"
+    # The driver died once it had seen 2 shards finish; workers finish shards on their own, so a few more may be.
+    killed_with = len(text_run["parts_after_kill"])
+    assert 2 <= killed_with < 9 and text_run["status_after_kill"] == "running"
     output = str(text_run["output"])
     ids = read_embeddings(output).column("id").to_pylist() + read_errors(output).column("id").to_pylist()
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(r["id"] for r in text_run["records"])  # no gaps
     summary = text_run["summary"]
-    assert (summary["shards"], summary["shards_skipped"], summary["shards_written"]) == (9, 2, 7)
+    assert (summary["shards"], summary["shards_skipped"], summary["shards_written"]) == (
+        9,
+        killed_with,
+        9 - killed_with,
+    )
     assert not list(Path(output).rglob(".*tmp*")), "the crash's temporary file must be cleaned up"
     manifest = read_manifest(output)
-    assert manifest["status"] == "complete" and [run["shards_written"] for run in manifest["runs"]] == [7]
+    assert manifest["status"] == "complete" and [run["shards_written"] for run in manifest["runs"]] == [9 - killed_with]
+    assert manifest["progress"]["shards_done"] == 9 and manifest["progress"]["done_shards"] == [[0, 8]]
     info = VEmbedFactoryPredictor(str(text_run["checkpoint"]), device="cpu").model_info
     assert manifest["job"]["vembed_json_sha256"] == info["vembed_json_sha256"] is not None
 
@@ -351,3 +430,109 @@ def test_text_corpus_equals_predictor_encode_text(text_run):
     assert read_errors(output).to_pylist() == [{"id": "blank", "source": "   ", "error": "empty text"}]
     summary = text_run["summary"]
     assert (summary["embedded"], summary["errors"], summary["embedding_dim"]) == (len(good), 1, 16)
+
+
+@pytest.mark.ray
+def test_listing_in_ray_tasks_matches_the_in_process_reader(ray_local, tmp_path, monkeypatch):
+    """A folder listed by one task per subdirectory, and manifests read by Ray Data, give load_corpus's ids and
+    sources in the same order; repeated ids are found across hash partitions."""
+    from vembed.batch import sources
+    from vembed.batch.sources import list_corpus
+
+    def rows(listing) -> list[tuple[str, str]]:
+        tables = ray_local.get(listing.blocks)
+        assert [t.num_rows for t in tables] == listing.counts and len(listing) == sum(listing.counts)
+        return [(r["id"], r["source"]) for t in tables for r in t.to_pylist()]
+
+    names = ["a.jpg", "a/x.jpg", "a/b/y.png", "b/z.jpeg", "c.png", "a.b/w.jpg"]
+    _write_images(tmp_path / "folder", names)
+    folder = load_corpus(str(tmp_path / "folder")).table
+    listed = list_corpus(str(tmp_path / "folder"))
+    assert len(listed.blocks) == 5  # a.b/, a/, b/ by tasks; a.jpg and c.png listed here
+    assert rows(listed) == list(zip(folder.column("id").to_pylist(), folder.column("source").to_pylist(), strict=True))
+
+    records = [{"key": k, "file": f"imgs/{i}.jpg"} for i, k in enumerate(["007", "x1", "x2"])]
+    records.append({"key": "8", "file": "/abs/y.jpg"})
+    for fmt in ("jsonl", "csv", "parquet"):
+        path = tmp_path / f"m.{fmt}"
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        elif fmt == "csv":
+            path.write_text("key,file\n" + "".join(f"{r['key']},{r['file']}\n" for r in records))
+        else:
+            pq.write_table(pa.Table.from_pylist(records), path)
+        expected = load_corpus(str(path), id_column="key", source_column="file").table
+        got = rows(list_corpus(str(path), id_column="key", source_column="file"))
+        assert got == list(
+            zip(expected.column("id").to_pylist(), expected.column("source").to_pylist(), strict=True)
+        ), fmt
+        assert got[0][0] == "007"  # ids stay text
+
+    monkeypatch.setattr(sources, "IDS_PER_PARTITION", 2)  # 7 ids -> 4 hash partitions
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(
+        "".join(json.dumps({"id": i, "path": f"{i}.jpg"}) + "\n" for i in ["a", "b", "c", "a", "d", "c", "e"])
+    )
+    with pytest.raises(CorpusError, match=r"repeats ids \['a', 'c'\]"):
+        list_corpus(str(dup))
+    with pytest.raises(CorpusError, match="no id column.*--id-column"):
+        list_corpus(str(dup), id_column="key")
+
+
+@pytest.mark.ray
+def test_driver_killed_from_outside_mid_job_then_rerun_gives_every_id_once_equal_to_predictor(
+    ray_local, tiny_clip_dir, shapes_t2i, tmp_path
+):
+    """A driver embedding a folder (listed by subdirectory tasks) is SIGKILLed by this test once the manifest it
+    keeps up to date shows finished shards; a rerun finishes the job: every image once, vectors equal to the
+    Predictor's, and the manifest's finished shards were on disk when it said so."""
+    import time
+
+    from vembed.batch import embed_corpus, read_errors, read_manifest
+    from vembed.inference import VEmbedFactoryPredictor
+
+    images = sorted(Path(shapes_t2i["images"]).glob("*.jpg"))
+    folder, output = tmp_path / "folder", tmp_path / "out"
+    for sub in ("s0", "s1", "s2"):
+        (folder / sub).mkdir(parents=True)
+        for path in images:
+            shutil.copy(path, folder / sub / path.name)
+    ids = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jpg"))
+    options = dict(batch_size=2, shard_size=6, num_actors=1, max_decoders=1)
+    command = [sys.executable, "-m", "vembed.batch.cli", "--model", str(tiny_clip_dir), "--input", str(folder)]
+    command += ["--output", str(output)] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest_path, seen = output / "_manifest.json", None
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            seen = json.loads(manifest_path.read_text()) if manifest_path.exists() else None  # replaced atomically
+            if seen and seen["progress"]["shards_done"] >= 3:
+                break
+            time.sleep(0.05)
+        on_disk = sorted(p.name for p in (output / "embeddings").glob("part-*.parquet"))
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        logs = driver.communicate(timeout=60)[0]
+    assert driver.returncode == -signal.SIGKILL, logs[-3000:]
+    total = len(ids) // 6
+    assert seen is not None and seen["status"] == "running", logs[-3000:]
+    assert 3 <= seen["progress"]["shards_done"] < total, "the kill must come mid-job"
+    listed = {
+        f"part-{i:05d}.parquet" for first, last in seen["progress"]["done_shards"] for i in range(first, last + 1)
+    }
+    assert listed <= set(on_disk), "every shard the manifest called done was on disk"
+    assert seen["progress"]["rows_pending"] == len(ids) and seen["progress"]["shards_total"] == total
+
+    summary = embed_corpus(str(tiny_clip_dir), str(folder), str(output), **options)
+    assert summary["shards_skipped"] >= len(on_disk) and summary["shards_skipped"] + summary["shards_written"] == total
+    table = read_embeddings(str(output))
+    assert table.column("id").to_pylist() == ids and read_errors(str(output)).num_rows == 0  # each id once, in order
+    expected = VEmbedFactoryPredictor(str(tiny_clip_dir), device="cpu").encode_image(
+        [str(folder / i) for i in ids], batch_size=16
+    )
+    np.testing.assert_allclose(_vectors(table), expected, atol=1e-5)
+    assert not (output / "_fragments").exists() or not list((output / "_fragments").iterdir())
+    manifest = read_manifest(str(output))
+    assert manifest["status"] == "complete" and manifest["progress"]["done_shards"] == [[0, total - 1]]

@@ -23,6 +23,8 @@ Usage: cluster/local/start.sh [options]
   --token-file FILE    use this token file (default: generate DIR/auth_token)
   --timeout S          seconds to wait for each node to come up                 [120]
   --attempts N         tries per node (a busy machine can miss Ray's start-up deadline)   [3]
+  --join               add --workers N worker nodes to the running cluster in DIR (after a node was lost, say);
+                       they are named and numbered after the ones DIR has seen, and use its token and port range
   -h, --help           this help
 
 Run it from the Python environment that has vembed installed (job entrypoints run `python` from this PATH).
@@ -39,6 +41,7 @@ OBJECT_STORE_MB=512
 TOKEN_FILE=
 TIMEOUT=120
 ATTEMPTS=3
+JOIN=0
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -51,6 +54,7 @@ while [[ $# -gt 0 ]]; do
     --token-file) TOKEN_FILE=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
     --attempts) ATTEMPTS=$2; shift 2 ;;
+    --join) JOIN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "start.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -59,8 +63,24 @@ done
 for value in "$WORKERS" "$HEAD_CPUS" "$WORKER_CPUS" "$BASE_PORT" "$OBJECT_STORE_MB" "$TIMEOUT" "$ATTEMPTS"; do
   [[ "$value" =~ ^[0-9]+$ ]] || { echo "start.sh: '$value' is not a non-negative integer" >&2; exit 2; }
 done
-if (( BASE_PORT < 1024 || BASE_PORT + 200 * (WORKERS + 1) > 32768 )); then
-  echo "start.sh: ports $BASE_PORT..$((BASE_PORT + 200 * (WORKERS + 1) - 1)) must lie in 1024..32767" \
+FIRST_WORKER=1
+if (( JOIN )); then
+  [[ -s "$DIR/nodes/head/ray_current_cluster" && -s "$DIR/cluster.env" ]] \
+    || { echo "start.sh: --join needs a running cluster in $DIR (no $DIR/cluster.env)" >&2; exit 1; }
+  GCS_ADDRESS=$(cat "$DIR/nodes/head/ray_current_cluster")
+  BASE_PORT=${GCS_ADDRESS##*:}  # the head's GCS port is the first of the cluster's range
+  TOKEN_FILE=${TOKEN_FILE:-$(sed -n 's/^export RAY_AUTH_TOKEN_PATH=//p' "$DIR/cluster.env")}
+  # Number new workers after every worker this cluster has had (their logs stay), so ports are never reused.
+  for log in "$DIR"/logs/worker-*.out; do
+    [[ -e "$log" ]] || continue
+    index=${log##*/worker-}; index=${index%.out}
+    (( index >= FIRST_WORKER )) && FIRST_WORKER=$((index + 1))
+  done
+fi
+LAST_WORKER=$((FIRST_WORKER + WORKERS - 1))
+
+if (( BASE_PORT < 1024 || BASE_PORT + 200 * (LAST_WORKER + 1) > 32768 )); then
+  echo "start.sh: ports $BASE_PORT..$((BASE_PORT + 200 * (LAST_WORKER + 1) - 1)) must lie in 1024..32767" \
        "(below the kernel's ephemeral range, so they cannot collide with random ports)" >&2
   exit 2
 fi
@@ -73,7 +93,7 @@ if (( ${#DIR} > 40 )); then
   echo "start.sh: --dir '$DIR' is longer than 40 characters; Ray's socket paths under it would be too long" >&2
   exit 2
 fi
-if [[ -e "$DIR/pids" ]] && compgen -G "$DIR/pids/*.pid" >/dev/null; then
+if (( ! JOIN )) && [[ -e "$DIR/pids" ]] && compgen -G "$DIR/pids/*.pid" >/dev/null; then
   echo "start.sh: $DIR already holds a cluster (pid files in $DIR/pids); stop it first: cluster/local/stop.sh --dir $DIR" >&2
   exit 1
 fi
@@ -152,8 +172,26 @@ wait_for_dashboard() {
   done
 }
 
-# If a node fails to start, stop whatever this script started.
-trap 'status=$?; if (( status != 0 )); then "$(dirname "$0")/stop.sh" --dir "$DIR" >&2 || true; fi' EXIT
+# If a node fails to start, stop whatever this script started (when joining, only the new nodes).
+STARTED=()
+stop_started() {
+  if (( ! JOIN )); then
+    "$(dirname "$0")/stop.sh" --dir "$DIR" >&2 || true
+  elif (( ${#STARTED[@]} )); then
+    "$(dirname "$0")/stop.sh" --dir "$DIR" $(printf -- '--node %s ' "${STARTED[@]}") >&2 || true
+  fi
+}
+trap 'status=$?; if (( status != 0 )); then stop_started; fi' EXIT
+
+if (( JOIN )); then
+  for ((i = FIRST_WORKER; i <= LAST_WORKER; i++)); do
+    # shellcheck disable=SC2046
+    start_node "worker-$i" --address="$GCS_ADDRESS" --num-cpus="$WORKER_CPUS" $(node_ports "$i")
+    STARTED+=("worker-$i")
+  done
+  echo "joined worker-$FIRST_WORKER..worker-$LAST_WORKER to the cluster at $GCS_ADDRESS"
+  exit 0
+fi
 
 GCS_PORT=$BASE_PORT
 DASHBOARD_PORT=$((BASE_PORT + 1))

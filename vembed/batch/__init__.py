@@ -1,6 +1,6 @@
 """Offline embedding of whole corpora with Ray Data: ``embed_corpus`` and ``vembed embed``.
 
-``from vembed.batch import embed_corpus, read_embeddings, read_errors, read_manifest``. Names load on first use, so
+``from vembed.batch import embed_corpus, read_embeddings, read_errors, read_manifest, writer_nodes``. Names load on first use, so
 ``vembed --help`` stays fast.
 """
 
@@ -14,6 +14,8 @@ _EXPORTS = {
     "read_errors": "vembed.batch.writer",
     "read_manifest": "vembed.batch.writer",
     "load_corpus": "vembed.batch.sources",
+    "list_corpus": "vembed.batch.sources",
+    "writer_nodes": "vembed.batch.writer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fail-after-shards",
         type=positive_int,
         default=None,
-        help=argparse.SUPPRESS,  # fault injection for tests: the driver kills itself after writing N shards
+        help=argparse.SUPPRESS,  # fault injection for tests: the driver kills itself once N shards are finished
     )
 
 

@@ -1,16 +1,20 @@
 """``embed_corpus``: embed a whole image folder or manifest into Parquet shards, resumably, exactly once.
 
-Design. The corpus (ids + sources only) is listed in a stable order and cut into fixed-size shards
-(:mod:`vembed.batch.shards`). Shards already in the output are skipped; the rest stream through one Ray Data
-pipeline (:mod:`vembed.batch.pipeline`: decode + preprocess in CPU tasks, model actors on an autoscaling actor
-pool). The driver iterates the pipeline's output, reassembles rows into their shards and writes each shard itself,
-atomically, the moment its last row arrives (:mod:`vembed.batch.writer`). Ray Data's ``write_parquet`` is not used
-because it names files by task, so a crash could leave a shard half-written under a name a rerun cannot recognise;
-writing per shard makes "the file exists" mean "the shard is done", which is what gives exactly-once output.
+Design. The corpus (ids + sources) is listed by Ray workers in a stable order (:func:`~vembed.batch.sources.list_corpus`:
+Ray Data reads a manifest, one task per subdirectory lists a folder) and stays in the object store; the driver only
+keeps block row counts. The corpus is cut into fixed-size shards by position (:mod:`vembed.batch.shards`). Shards
+already in the output are skipped; the rest stream through one Ray Data pipeline (:mod:`vembed.batch.pipeline`:
+decode + preprocess on CPU actors, model actors on an autoscaling pool) whose model actors also write: each writes
+the rows it embedded as fragments of their shards and the actor that completes a shard merges it into the shard's
+files, atomically (:class:`~vembed.batch.writer.FragmentWriter`). "The file exists" still means "the shard is done",
+which is what gives exactly-once output after a crash of the driver or of any node. Ray Data's ``write_parquet`` is
+not used because it names files by task, so a crash could leave a shard half-written under a name a rerun cannot
+recognise.
 
-Memory. Execution preserves block order, so rows reach the driver in corpus order and it holds at most the shard
-being filled plus Ray Data's bounded in-flight window, whatever the corpus size. The driver also keeps the id and
-source strings of the corpus (tens of bytes per item), which are needed to plan shards.
+The driver plans, then only records progress: order is not preserved, and what it iterates is one small report per
+(batch, shard) -- rows, errors, whether the shard finished and on which node -- from which it prints rows/s, shards
+done, errors and an ETA, and rewrites ``_manifest.json`` as shards finish. Its memory and CPU do not grow with the
+corpus beyond a few bytes per shard and per listing block.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import math
 import os
 import signal
 import time
@@ -29,14 +34,20 @@ import pyarrow as pa
 
 from vembed.batch.options import DTYPES, FORMATS, MODALITIES
 from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset, check_instruction
-from vembed.batch.shards import Shard, ShardAssembler, plan_shards
-from vembed.batch.sources import Corpus, load_corpus
-from vembed.batch.writer import EMBEDDINGS_DIR, ERRORS_DIR, OutputStore, embeddings_table, errors_table
+from vembed.batch.progress import JobProgress
+from vembed.batch.shards import plan_shards
+from vembed.batch.sources import Listing, list_corpus
+from vembed.batch.writer import (
+    EMBEDDINGS_DIR,
+    ERRORS_DIR,
+    FragmentWriter,
+    OutputStore,
+)
 from vembed.modelpath import resolve_source
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: workers write shards; "progress"; the job's "ids_digest" replaces "ids_sha256"
 
 
 def embed_corpus(
@@ -80,32 +91,34 @@ def embed_corpus(
         format: stored embedding dtype, ``"float32"`` or ``"float16"``.
         overwrite: delete earlier output of this layout in ``output`` and start over. Without it, a rerun of the
             same job resumes (completed shards are skipped) and a different job in ``output`` is refused.
-        fail_after_shards: fault injection for tests: the driver kills itself (SIGKILL) after writing this many
-            shards.
+        fail_after_shards: fault injection for tests: the driver kills itself (SIGKILL) once this many shards of
+            this run are finished (the writers may finish a few more before the job's workers go).
         instruction: for models that take one (a VLM's system message, Qwen3-Embedding's query task); None: the
             model's default. A ValueError before anything runs for a model without instructions.
 
     Returns:
         A summary: totals over the output (``items``, ``embedded``, ``errors``, ``shards``), this run's
         ``rows``, ``shards_written``, ``shards_skipped``, ``seconds``, ``rows_per_s``, ``startup_s`` (until the
-        first rows came back), ``steady_rows_per_s`` (after that) and ``max_open_shards`` (most partly filled shards
-        the driver held), ``embedding_dim`` and ``output``.
+        first rows came back), ``steady_rows_per_s`` (after that), ``max_open_shards`` (most shards partly written at
+        once), ``writer_nodes`` (shards finished per Ray node), ``embedding_dim`` and ``output``.
     """
     _check_options(modality, batch_size, dtype, dim, format, num_actors, min_actors, max_actors)
     resolve_source(model_path)  # a missing model directory fails here, before any Ray work
     started = time.time()
-    corpus = load_corpus(input, modality, id_column, source_column, image_root)  # type: ignore[arg-type]
-    shards = plan_shards(len(corpus), shard_size)
+    cluster = _cluster_resources()  # starts or joins Ray: the listing already runs on it
+    listing = list_corpus(input, modality, id_column, source_column, image_root)  # type: ignore[arg-type]
+    num_items = len(listing)
+    shards = plan_shards(num_items, shard_size)
     model = describe_model(model_path)
     check_instruction(model["model_path"], instruction)
     job = {
-        "input": corpus.origin,
+        "input": listing.origin,
         "modality": modality,
         "id_column": id_column,
         "source_column": source_column,
         "image_root": image_root,
-        "items": len(corpus),
-        "ids_sha256": _ids_digest(corpus),
+        "items": num_items,
+        "ids_digest": ids_digest(listing),
         "shard_size": shard_size,
         "model_path": model["model_path"],
         "vembed_json_sha256": model["vembed_json_sha256"],
@@ -116,31 +129,45 @@ def embed_corpus(
     }
     store = OutputStore(output)
     done = store.open(job, overwrite)  # refuses a folder holding a different job
+    for index in store.fragment_shards() & done:  # rows a retried task wrote after its shard was finished
+        store.delete_fragments(shards[index])
     pending = [shard for shard in shards if shard.index not in done]
     manifest = store.read_manifest() or {"version": MANIFEST_VERSION, "job": job, "model": model, "runs": []}
-    store.write_manifest({**manifest, "status": "running"})
+    progress = JobProgress(len(shards), done, sum(len(shard) for shard in pending))
+    store.write_manifest({**manifest, "status": "running", "progress": progress.report()})
 
-    progress: dict[str, Any] = {"rows": 0, "shards_written": 0, "max_open_shards": 0}
     if pending:
-        pool = resolve_actor_pool(
-            num_actors, min_actors, max_actors, num_gpus_per_actor, max_decoders, _cluster_resources()
-        )
-        dataset = build_dataset(
-            _pending_items(corpus, pending), modality, model["model_path"], pool, batch_size, dtype, dim, instruction
-        )
-        progress = _write_shards(dataset, store, pending, shard_size, format, fail_after_shards)
+        pool = resolve_actor_pool(num_actors, min_actors, max_actors, num_gpus_per_actor, max_decoders, cluster)
+        rows_per_block = block_rows(progress.pending_rows, batch_size, shard_size, pool.max_size + pool.max_decoders)
+        items = pending_blocks(listing, done, shard_size, rows_per_block)
+        writer = FragmentWriter(store, shard_size, num_items, format)
+        dataset = build_dataset(items, modality, model["model_path"], pool, batch_size, dtype, dim, writer, instruction)
+        _follow(dataset, store, manifest, progress, fail_after_shards)
+        unfinished = sorted(s.index for s in pending if not store.is_complete(s))
+        if unfinished:
+            raise RuntimeError(
+                f"the pipeline ended with {len(unfinished)} shards incomplete (first: {unfinished[:5]}); rerun to "
+                "finish them"
+            )
 
     seconds = time.time() - started
     run = {
         "started": _iso(started),
         "finished": _iso(time.time()),
         "seconds": round(seconds, 3),
-        "rows_per_s": round(progress["rows"] / seconds, 2),
-        **progress,
+        "rows": progress.rows,
+        "rows_per_s": round(progress.rows / seconds, 2),
+        "shards_written": progress.shards_written,
+        "max_open_shards": progress.max_open_shards,
+        "writer_nodes": dict(progress.writer_nodes),
         "shards_skipped": len(done),
     }
+    if progress.first is not None:
+        run["startup_s"] = round(progress.first[0] - progress.started, 3)
+        rate = progress.rows_per_s()
+        run["steady_rows_per_s"] = None if rate is None else round(rate, 2)
     counts = {
-        "items": len(corpus),
+        "items": num_items,
         "embedded": store.count_rows(EMBEDDINGS_DIR),
         "errors": store.count_rows(ERRORS_DIR),
         "shards": len(shards),
@@ -150,6 +177,7 @@ def embed_corpus(
         {
             **manifest,
             "status": "complete",
+            "progress": progress.report(),
             "counts": counts,
             "embedding_dim": embedding_dim,
             "normalize": bool(model["normalize"]) or dim is not None,  # a Matryoshka cut is re-normalised
@@ -160,58 +188,46 @@ def embed_corpus(
     )
     steady = f"; {run['steady_rows_per_s']} rows/s after {run['startup_s']} s start-up" if "startup_s" in run else ""
     print(
-        f"vembed embed: {progress['rows']} rows in {seconds:.1f} s ({run['rows_per_s']} rows/s{steady}), "
-        f"{counts['errors']} errors in total, {progress['shards_written']} shards written, {len(done)} already done "
+        f"vembed embed: {progress.rows} rows in {seconds:.1f} s ({run['rows_per_s']} rows/s{steady}), "
+        f"{counts['errors']} errors in total, {progress.shards_written} shards written, {len(done)} already done "
         f"-> {store.root.uri}",
         flush=True,
     )
     return {**counts, **run, "embedding_dim": embedding_dim, "output": store.root.uri}
 
 
-def _write_shards(
-    dataset: Any, store: OutputStore, pending: list[Shard], shard_size: int, fmt: str, fail_after: int | None
-) -> dict[str, Any]:
-    """Stream the dataset's rows into their shards and write each shard as soon as it is complete.
-
-    Returns this run's progress: ``rows``, ``shards_written``, ``max_open_shards``, ``startup_s`` (until the first
-    rows came back: actor start-up, model loading, the first batch) and ``steady_rows_per_s`` (after that).
-    """
-    # In-order output: rows arrive in corpus order, so the driver holds one partly filled shard at a time.
-    dataset.context.execution_options.preserve_order = True
-    assembler = ShardAssembler(pending, shard_size)
-    progress: dict[str, Any] = {"rows": 0, "shards_written": 0, "max_open_shards": 0}
-    start = time.perf_counter()
-    first: tuple[float, int] | None = None  # (time, rows) of the first batch
-    received = 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        received += len(batch["position"])
-        first = first or (time.perf_counter(), received)
-        for shard, columns in assembler.add(batch):
-            store.write_shard(shard, *split_rows(columns, fmt))
-            progress["rows"] += len(shard)
-            progress["shards_written"] += 1
-            if fail_after is not None and progress["shards_written"] >= fail_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-        progress["max_open_shards"] = max(progress["max_open_shards"], assembler.open_shards)
-    if assembler.remaining:
-        raise RuntimeError(f"the pipeline ended with {assembler.remaining} shards incomplete; rerun to finish")
-    if first is not None:
-        after = time.perf_counter() - first[0]
-        progress["startup_s"] = round(first[0] - start, 3)
-        progress["steady_rows_per_s"] = round((received - first[1]) / after, 2) if after > 0 else None
-    return progress
+#: seconds between manifest rewrites (and printed progress lines) while shards finish
+MANIFEST_EVERY_S = 1.0
+PRINT_EVERY_S = 10.0
 
 
-def split_rows(columns: dict[str, np.ndarray], fmt: str) -> tuple[pa.Table, pa.Table]:
-    """A shard's rows -> (embeddings table of the good rows, errors table of the bad ones)."""
-    bad = columns["error"] != ""
-    good = ~bad
-    num_vectors = columns["num_vectors"][good] if "num_vectors" in columns else None  # multi-vector models
-    embeddings = embeddings_table(
-        columns["id"][good], columns["source"][good], columns["embedding"][good], fmt, num_vectors
-    )
-    errors = errors_table(columns["id"][bad], columns["source"][bad], columns["error"][bad])
-    return embeddings, errors
+def _follow(
+    dataset: Any, store: OutputStore, manifest: dict[str, Any], progress: JobProgress, fail_after: int | None
+) -> None:
+    """Run the pipeline, folding the writers' reports into ``progress``; rewrite the manifest when shards finish
+    (at most every ``MANIFEST_EVERY_S``) and print a progress line every ``PRINT_EVERY_S``."""
+    last_manifest = last_print = 0.0
+    for report in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        finished = progress.update(report)
+        now = time.monotonic()
+        if finished and now - last_manifest >= MANIFEST_EVERY_S:
+            store.write_manifest({**manifest, "status": "running", "progress": progress.report()})
+            last_manifest = now
+        if now - last_print >= PRINT_EVERY_S:
+            print(progress.line(), flush=True)
+            last_print = now
+        if fail_after is not None and progress.shards_written >= fail_after:
+            store.write_manifest({**manifest, "status": "running", "progress": progress.report()})
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def block_rows(pending_rows: int, batch_size: int, shard_size: int, workers: int) -> int:
+    """Rows per pipeline input block: about four blocks per decode/model worker so all start at once, a multiple of
+    the model batch, at most a shard (and at least a batch): the number of blocks, and so the driver's scheduling
+    work, stops growing with the corpus once blocks are shard-sized."""
+    target = math.ceil(pending_rows / max(1, 4 * workers))
+    rows = max(batch_size, min(target, shard_size))
+    return math.ceil(rows / batch_size) * batch_size
 
 
 def describe_model(model_path: str) -> dict[str, Any]:
@@ -293,23 +309,57 @@ def _check_options(
         raise ValueError("num_actors fixes the pool size; pass either num_actors or min_actors/max_actors")
 
 
-def _pending_items(corpus: Corpus, pending: list[Shard]) -> pa.Table:
-    """Rows of the pending shards with their corpus ``position``."""
-    parts = [
-        corpus.table.slice(shard.start, len(shard)).append_column(
-            "position", pa.array(np.arange(shard.start, shard.stop, dtype=np.int64))
-        )
-        for shard in pending
-    ]
-    return pa.concat_tables(parts).select(["position", "id", "source"]).combine_chunks()
+def pending_blocks(listing: Listing, done: set[int], shard_size: int, rows_per_block: int) -> list[Any]:
+    """The rows of the shards not in ``done``, with their corpus ``position``, as refs of Arrow blocks of at most
+    ``rows_per_block`` rows (cut at multiples of it), made by one Ray task per listing block; the driver passes each
+    task only its block's offset and the done shards the block overlaps.
+
+    Returns once the blocks exist: the pipeline's actors may hold every CPU, and these tasks need one.
+    """
+    import ray
+
+    refs = []
+    for block, offset, count in zip(listing.blocks, listing.offsets, listing.counts, strict=True):
+        overlapping = range(offset // shard_size, (offset + count - 1) // shard_size + 1)
+        skip = [index for index in overlapping if index in done]
+        if len(skip) == len(overlapping):
+            continue
+        pieces = (offset + count - 1) // rows_per_block - offset // rows_per_block + 1
+        cut = ray.remote(_pending_rows).options(num_cpus=0.5, num_returns=pieces)
+        made = cut.remote(block, offset, shard_size, skip, rows_per_block)
+        refs.extend([made] if pieces == 1 else made)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    return refs
 
 
-def _ids_digest(corpus: Corpus) -> str:
-    """Digest of the ordered ids: a rerun on a changed input (files added or removed) is refused, not mixed."""
-    digest = hashlib.sha256()
-    for chunk in corpus.table.column("id").chunks:
-        digest.update("".join(f"{item}\n" for item in chunk.to_pylist()).encode())
-    return digest.hexdigest()
+def _pending_rows(
+    table: pa.Table, offset: int, shard_size: int, skip: list[int], rows_per_block: int
+) -> pa.Table | list[pa.Table]:
+    positions = np.arange(offset, offset + table.num_rows, dtype=np.int64)
+    table = table.select(["id", "source"]).add_column(0, "position", pa.array(positions))
+    keep = ~np.isin(positions // shard_size, skip)
+    piece = positions // rows_per_block
+    parts = [table.filter(pa.array(keep & (piece == k))) for k in range(int(piece[0]), int(piece[-1]) + 1)]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def ids_digest(listing: Listing) -> str:
+    """Digest of the ordered ids, computed per block by Ray tasks: the sum of a hash of each (position, id) pair,
+    so it does not depend on how the listing is cut into blocks. A rerun on a changed input (files added, removed
+    or reordered) is refused, not mixed."""
+    import ray
+
+    digest = ray.remote(_block_digest).options(num_cpus=0.5)
+    parts = ray.get([digest.remote(b, o) for b, o in zip(listing.blocks, listing.offsets, strict=True)])
+    return f"{sum(parts) % (1 << 128):032x}"
+
+
+def _block_digest(table: pa.Table, offset: int) -> int:
+    total = 0
+    for i, item in enumerate(table.column("id").to_pylist()):
+        total += int.from_bytes(hashlib.blake2b(f"{offset + i}\n{item}".encode(), digest_size=16).digest(), "little")
+    return total % (1 << 128)
 
 
 def _cluster_resources() -> dict[str, float]:

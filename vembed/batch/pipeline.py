@@ -2,7 +2,12 @@
 
 Rows carry ``position`` (their place in the corpus), ``id``, ``source`` and ``error`` through every stage. A row
 that cannot be embedded (missing or unreadable file, non-image bytes, empty text) keeps flowing with its ``error``
-set, so the driver still sees every row of a shard and knows when the shard is complete; the model skips such rows.
+set, so every row of a shard reaches the writer and the shard can complete; the model skips such rows.
+
+The model actors also write (:class:`EmbedAndWrite`: :class:`Embedder`, then
+:class:`~vembed.batch.writer.FragmentWriter` on the same rows), so vectors never leave the worker that computed
+them; the stage's output is one small progress row per (batch, shard), which is all the driver receives. Execution
+does not preserve order: a shard completes when its last rows arrive, from whichever actor.
 
 Images are read and decoded with :mod:`vembed.data.images` and resized/normalised by the model's
 :class:`~vembed.data.processing.Preprocessor` in :class:`Decoder` CPU workers, then :class:`Embedder` actors (one
@@ -23,10 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
-from vembed.batch.writer import pack_vectors
+from vembed.batch.writer import FragmentWriter, pack_vectors
 from vembed.data.images import decode_image, read_bytes
 
 ACTOR_CPUS = 1.0  # CPU reservation of every actor, decode and model alike
@@ -164,23 +168,36 @@ class Embedder:
         return {**_carried(batch), "error": batch["error"], "embedding": vectors}
 
 
+class EmbedAndWrite(Embedder):
+    """Ray Data actor: :class:`Embedder` on a batch, then :class:`~vembed.batch.writer.FragmentWriter` on its rows;
+    returns the writer's progress rows (shard, rows, errors, finished shard's rows, node), never vectors."""
+
+    def __init__(self, writer: FragmentWriter, **embedder: Any) -> None:
+        super().__init__(**embedder)
+        self.writer = writer
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.writer(super().__call__(batch))
+
+
 def build_dataset(
-    items: pa.Table,
+    items: list[Any],
     modality: str,
     model_path: str,
     pool: ActorPool,
     batch_size: int,
     dtype: str,
     dim: int | None,
+    writer: FragmentWriter,
     instruction: str | None = None,
 ) -> Any:
-    """The streaming dataset of embedded rows for ``items`` (columns ``position``, ``id``, ``source``);
-    ``instruction`` goes to the Predictor (models that take one)."""
+    """The streaming dataset that embeds and writes ``items`` (refs of Arrow tables with ``position``, ``id``,
+    ``source``; their size is the job's :func:`~vembed.batch.job.block_rows`); its rows are the writer's progress
+    reports. ``instruction`` goes to the Predictor (models that take one). The first stage is an actor stage: a
+    task stage before it would wait for CPUs the actors hold."""
     import ray
 
-    # One input block per model batch, so decoding spreads over the decode workers from the first row.
-    blocks = [items.slice(start, batch_size) for start in range(0, items.num_rows, batch_size)]
-    dataset = ray.data.from_arrow(blocks)
+    dataset = ray.data.from_arrow_refs(items)
     if modality == "image":
         dataset = dataset.map_batches(
             Decoder,
@@ -193,8 +210,9 @@ def build_dataset(
     else:
         dataset = dataset.map_batches(check_texts, batch_size=batch_size, batch_format="numpy")
     return dataset.map_batches(
-        Embedder,
+        EmbedAndWrite,
         fn_constructor_kwargs={
+            "writer": writer,
             "model_path": model_path,
             "modality": modality,
             "dtype": dtype,
