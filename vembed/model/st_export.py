@@ -200,10 +200,13 @@ def write_model_card(
     return directory / MODEL_CARD
 
 
-def update_model_card(directory: str | Path, config: Any, metrics: Mapping[str, Any] | None = None) -> Path:
+def update_model_card(directory: str | Path, config: Any, metrics: Mapping[str, Any] | None = None) -> Path | None:
     """Rewrite the model card of a saved model with the training run's base models, data and ``metrics``
-    (called by the training loop on rank 0 after each user checkpoint)."""
+    (called by the training loop on rank 0 after each user checkpoint). A checkpoint that is not a vembed model
+    (the mid-level Trainer saving any ``nn.Module``'s weights) has no card: returns None."""
     directory = Path(directory)
+    if not (directory / "vembed.json").is_file():
+        return None
     spec = json.loads((directory / "vembed.json").read_text())
     bases = {
         key: str(getattr(config, key))
