@@ -80,6 +80,24 @@ def locate(path_or_uri: str) -> Location:
     return Location(pafs.LocalFileSystem(), local, local)
 
 
+def _check_input(source: str, modality: str, id_column: str | None, source_column: str | None) -> tuple[Any, bool]:
+    """``(location, is_folder)`` of a corpus input, after the checks both listings share: a known modality, an input
+    that exists, and a folder only for images named by their relative paths."""
+    if modality not in MODALITIES:
+        raise CorpusError(f"modality={modality!r} is not supported; use one of {MODALITIES}")
+    location = locate(source)
+    info = location.filesystem.get_file_info(location.path)
+    if info.type == pafs.FileType.NotFound:
+        raise CorpusError(f"input {source!r} does not exist; pass an image folder or a JSONL/CSV/Parquet manifest")
+    is_folder = info.type == pafs.FileType.Directory
+    if is_folder and (modality != "image" or id_column or source_column):
+        raise CorpusError(
+            f"input {source!r} is a folder, which is read as images with their relative paths as ids; "
+            "for texts or custom columns pass a JSONL/CSV/Parquet manifest"
+        )
+    return location, is_folder
+
+
 def load_corpus(
     source: str,
     modality: Modality = "image",
@@ -97,18 +115,8 @@ def load_corpus(
             ``path``/``image``/``image_path``/``file`` for images, ``text`` for texts).
         image_root: folder that relative image paths are resolved against (default: the manifest's folder).
     """
-    if modality not in MODALITIES:
-        raise CorpusError(f"modality={modality!r} is not supported; use one of {MODALITIES}")
-    location = locate(source)
-    info = location.filesystem.get_file_info(location.path)
-    if info.type == pafs.FileType.NotFound:
-        raise CorpusError(f"input {source!r} does not exist; pass an image folder or a JSONL/CSV/Parquet manifest")
-    if info.type == pafs.FileType.Directory:
-        if modality != "image" or id_column or source_column:
-            raise CorpusError(
-                f"input {source!r} is a folder, which is read as images with their relative paths as ids; "
-                "for texts or custom columns pass a JSONL/CSV/Parquet manifest"
-            )
+    location, is_folder = _check_input(source, modality, id_column, source_column)
+    if is_folder:
         table = _list_images(location)
     else:
         try:
@@ -234,18 +242,8 @@ def list_corpus(
 ) -> Listing:
     """:func:`load_corpus`'s corpus, listed by Ray workers: a manifest read by Ray Data, a folder by one task per
     top-level subdirectory. Repeated ids are refused (checked by :func:`find_repeated_ids`). Needs Ray running."""
-    if modality not in MODALITIES:
-        raise CorpusError(f"modality={modality!r} is not supported; use one of {MODALITIES}")
-    location = locate(source)
-    info = location.filesystem.get_file_info(location.path)
-    if info.type == pafs.FileType.NotFound:
-        raise CorpusError(f"input {source!r} does not exist; pass an image folder or a JSONL/CSV/Parquet manifest")
-    if info.type == pafs.FileType.Directory:
-        if modality != "image" or id_column or source_column:
-            raise CorpusError(
-                f"input {source!r} is a folder, which is read as images with their relative paths as ids; "
-                "for texts or custom columns pass a JSONL/CSV/Parquet manifest"
-            )
+    location, is_folder = _check_input(source, modality, id_column, source_column)
+    if is_folder:
         listing = _list_folder_in_tasks(location)
     else:
         try:
