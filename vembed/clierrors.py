@@ -85,21 +85,12 @@ def one_line(exc: BaseException) -> str:
 
 def find_user_error(exc: BaseException) -> BaseException | None:
     """``exc`` itself when it is a user error, else the first user error it wraps (walking the wrappers Ray keeps
-    the original in: :func:`vembed.training.failures.wrapped_exceptions`), so a bad record raised inside a Ray
-    worker still reaches the user as itself."""
-    from vembed.training.failures import wrapped_exceptions
+    the original in: :func:`vembed.training.failures.find_wrapped`), so a bad record raised inside a Ray worker
+    still reaches the user as itself. An error raised while handling another (``__context__``) is a bug: not
+    walked."""
+    from vembed.training.failures import find_wrapped
 
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, USER_ERROR_TYPES) and not _is_internal(current):
-            return current
-        pending.extend(wrapped_exceptions(current, context=False))  # an error while handling another is a bug
-    return None
+    return find_wrapped(exc, lambda e: isinstance(e, USER_ERROR_TYPES) and not _is_internal(e), context=False)
 
 
 def _is_internal(exc: BaseException) -> bool:

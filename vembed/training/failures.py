@@ -10,7 +10,7 @@ raise it alone, as its own type.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # What Ray Data appends to the message of an exception raised in a task ("Failed to apply UDF transform after 1/1
 # attempts ... if you believe this to be transient."): about Ray's retries, not about the user's input.
@@ -42,6 +42,24 @@ def wrapped_exceptions(exc: BaseException, context: bool = True) -> Iterator[Bas
         yield from (failures[rank] for rank in sorted(failures))
 
 
+def find_wrapped(
+    exc: BaseException, match: Callable[[BaseException], bool], context: bool = True
+) -> BaseException | None:
+    """The first exception, breadth first from ``exc`` itself through :func:`wrapped_exceptions`, that ``match``
+    accepts (None when none does)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if match(current):
+            return current
+        pending.extend(wrapped_exceptions(current, context))
+    return None
+
+
 def user_error(exc: BaseException) -> BaseException | None:
     """The vembed data or configuration error that ``exc`` (a Ray failure, or any exception) was caused by.
 
@@ -52,23 +70,16 @@ def user_error(exc: BaseException) -> BaseException | None:
     from ray.exceptions import RayError
 
     user_types = _user_error_types()
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, user_types) and not isinstance(current, RayError):
-            args = current.args
-            if args and isinstance(args[0], str):
-                args = (_RAY_DATA_RETRY_NOTE.sub("", args[0]), *args[1:])
-            try:
-                return type(current)(*args)
-            except TypeError:  # a subclass with another constructor: the instance itself
-                return current
-        pending.extend(wrapped_exceptions(current))
-    return None
+    found = find_wrapped(exc, lambda e: isinstance(e, user_types) and not isinstance(e, RayError))
+    if found is None:
+        return None
+    args = found.args
+    if args and isinstance(args[0], str):
+        args = (_RAY_DATA_RETRY_NOTE.sub("", args[0]), *args[1:])
+    try:
+        return type(found)(*args)
+    except TypeError:  # a subclass with another constructor: the instance itself
+        return found
 
 
 def raise_user_error(exc: BaseException) -> None:
