@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from vembed.data.processing import is_vlm_config
 from vembed.model.families import EncoderFamily, _resolve
 from vembed.model.hf import unwrap
 from vembed.model.pooling import pool
@@ -39,11 +40,6 @@ VISION_LORA_PATTERN = r"(.*\.)?visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linea
 
 #: the batch keys of one role, beside ``input_ids`` / ``attention_mask``
 SEQUENCE_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-
-
-def is_vlm_config(config: PretrainedConfig) -> bool:
-    """True for a vision-language decoder config: it has a ``vision_config`` and an ``image_token_id``."""
-    return getattr(config, "vision_config", None) is not None and getattr(config, "image_token_id", None) is not None
 
 
 def text_config_of(config: PretrainedConfig) -> PretrainedConfig:
