@@ -142,8 +142,8 @@ def _tree_pss(pid: int) -> int:
     return total
 
 
-def memory_run(model: Path, manifest: Path, output: Path) -> dict[str, float]:
-    """In a fresh process: start Ray, run the job, and return its peak tree PSS (MiB) while sampling."""
+def _init_ray() -> None:
+    """The local Ray every measuring process starts: all cores, a fixed object store, quiet."""
     import ray
 
     ray.init(
@@ -153,6 +153,13 @@ def memory_run(model: Path, manifest: Path, output: Path) -> dict[str, float]:
         configure_logging=False,
         log_to_driver=False,
     )
+
+
+def memory_run(model: Path, manifest: Path, output: Path) -> dict[str, float]:
+    """In a fresh process: start Ray, run the job, and return its peak tree PSS (MiB) while sampling."""
+    import ray
+
+    _init_ray()
     peak = [0]
     done = threading.Event()
 
@@ -195,13 +202,7 @@ def driver_run(model: Path, manifest: Path, output: Path) -> dict[str, float]:
 
     from vembed.batch import embed_corpus
 
-    ray.init(
-        num_cpus=os.cpu_count(),
-        object_store_memory=OBJECT_STORE_BYTES,
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=False,
-    )
+    _init_ray()
     me = psutil.Process()
     idle = me.memory_info().rss
     peak = [idle]

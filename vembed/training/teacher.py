@@ -84,20 +84,17 @@ def check_teacher_preprocessing(config: VEmbedConfig) -> None:
     teacher = Preprocessor.from_config(_teacher_config(config))
     mode = config.retrieval_mode
     problems: list[str] = []
-    if any(side in "tm" for side in mode) and student.has_text:
-        if not teacher.has_text:
-            problems.append("the teacher has no tokenizer")
+    checks = (
+        ("tm", "has_text", "tokenizer", _tokenizer_settings),
+        ("im", "has_image", "image processor", _image_settings),
+    )
+    for sides, has, part, settings in checks:  # only what the retrieval mode feeds the teacher
+        if not (any(side in sides for side in mode) and getattr(student, has)):
+            continue
+        if not getattr(teacher, has):
+            problems.append(f"the teacher has no {part}")
         else:
-            problems += [
-                f"tokenizer {d}" for d in _differences(_tokenizer_settings(student), _tokenizer_settings(teacher))
-            ]
-    if any(side in "im" for side in mode) and student.has_image:
-        if not teacher.has_image:
-            problems.append("the teacher has no image processor")
-        else:
-            problems += [
-                f"image processor {d}" for d in _differences(_image_settings(student), _image_settings(teacher))
-            ]
+            problems += [f"{part} {d}" for d in _differences(settings(student), settings(teacher))]
     if problems:
         raise ConfigError(
             f"teacher_model_name={config.teacher_model_name!r} cannot read the student's batches "
