@@ -42,8 +42,8 @@ def make_loop_config(
 ) -> dict[str, Any]:
     """The ``train_loop_config`` for :func:`train_loop_per_worker`.
 
-    ``bad_records`` is the pipeline's :class:`~vembed.data.pipeline.BadRecordCounter` (reported as a metric);
-    ``epoch_clock`` the training data set's :class:`~vembed.data.pipeline.EpochClock` (each epoch's order).
+    ``bad_records`` is the pipeline's :class:`~vembed.data.run_state.BadRecordCounter` (reported as a metric);
+    ``epoch_clock`` the training data set's :class:`~vembed.data.run_state.EpochClock` (each epoch's order).
     """
     return {
         **config.to_dict(),
