@@ -152,6 +152,7 @@ def test_ray_job_scores_queries_against_an_embedded_corpus_and_a_baseline_ranks_
     command = [sys.executable, str(REPO / "ray_jobs" / "evaluate.py"), "--model", str(tiny_clip_dir)]
     command += ["--data", str(shapes_t2i["test"]), "--candidates-embeddings", str(gallery), "--output", str(tmp_path)]
     command += ["--compare", str(tiny_clip_dir)]  # the baseline embeds the same corpus itself, with Ray Data
+    command += ["--num-actors", "1"]  # the session Ray's 8 logical CPUs would let each of the 3 jobs scale to 4
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
