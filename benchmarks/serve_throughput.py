@@ -50,7 +50,14 @@ def child(model: str, mode: str) -> int:
     from vembed.serving.app import embedding_app
     from vembed.serving.settings import DeploymentSettings
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for attempt in (1, 2):  # a heavily loaded machine can miss Ray's node start-up deadline once
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = {"model": model, "model_name": "bench", "api_key_env": None, "max_batch_size": 32, "batch_wait_ms": 10}

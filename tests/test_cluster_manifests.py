@@ -199,7 +199,8 @@ def test_the_dockerfile_builds_the_image_the_manifests_name():
     assert f"docker build -t {IMAGE} ." in text
     from vembed.serving.overload import CALLBACK, CALLBACK_ENV
 
-    assert re.search(rf"^\s+{CALLBACK_ENV}={CALLBACK}\s*$", text, flags=re.M), "overload 503s in JSON on the cluster"
+    assert re.search(rf"^\s+{CALLBACK_ENV}={CALLBACK} \\$", text, flags=re.M), "overload 503s in JSON on the cluster"
+    assert re.search(r"^\s+RAY_SERVE_THROUGHPUT_OPTIMIZED=0\s*$", text, flags=re.M), "the measured default"
 
 
 def test_ray_up_config_has_what_the_launcher_needs():

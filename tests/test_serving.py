@@ -59,6 +59,7 @@ def base_url(ray_local, tiny_clip_dir, image_root, tmp_path_factory):
     argv += ["--max-items", str(MAX_ITEMS), "--max-image-bytes", str(MAX_IMAGE_BYTES)]
     argv += ["--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-request-bytes", str(MAX_REQUEST_BYTES)]
     argv += ["--max-text-chars", "2000", "--text-overflow", "reject", "--allowed-image-root", str(image_root)]
+    argv += ["--replicas", "1", "--max-ongoing-requests", "48", "--max-queued-requests", "100", "--num-cpus", "1"]
     assert run(parser.parse_args(argv)) == 0
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -405,8 +406,11 @@ def test_deployments_section_applies_and_overload_gets_json_503s(base_url, tiny_
         status = serve.status().applications["overload"]
         assert status.status == "RUNNING", status
         assert status.deployments[DEPLOYMENT_NAME].replica_states == {"RUNNING": 1}
-        details = client.get_serve_details()["applications"]["overload"]["deployments"][DEPLOYMENT_NAME]
-        applied = details["deployment_config"]
+        details = client.get_serve_details()["applications"]
+        cli = details["vembed"]["deployments"][DEPLOYMENT_NAME]["deployment_config"]  # `vembed serve` flags
+        assert (cli["num_replicas"], cli["max_ongoing_requests"], cli["max_queued_requests"]) == (1, 48, 100)
+        assert cli["ray_actor_options"]["num_cpus"] == 1 and cli.get("autoscaling_config") is None
+        applied = details["overload"]["deployments"][DEPLOYMENT_NAME]["deployment_config"]
         assert (applied["max_ongoing_requests"], applied["max_queued_requests"]) == (1, 1)
         assert {k: applied["autoscaling_config"][k] for k in autoscaling} == autoscaling
         assert applied["ray_actor_options"]["num_cpus"] == 0.5 and applied["ray_actor_options"]["memory"] == 2**28

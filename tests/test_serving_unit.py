@@ -420,6 +420,38 @@ def test_unexpected_errors_become_500_in_the_same_shape():
     }
 
 
+def test_serve_plain_text_503_becomes_the_json_error_and_json_passes_through():
+    from starlette.responses import JSONResponse, PlainTextResponse
+
+    from vembed.serving.overload import JSONOverload, proxy_middlewares
+
+    app = FastAPI()
+
+    @app.get("/serve-backpressure")
+    async def backpressure() -> PlainTextResponse:  # what Serve's proxy writes past max_queued_requests
+        return PlainTextResponse("Request dropped due to backpressure", status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/app-503")
+    async def own() -> JSONResponse:
+        return JSONResponse({"error": {"code": "mine"}}, status_code=503)
+
+    @app.get("/ok")
+    async def ok() -> PlainTextResponse:
+        return PlainTextResponse("fine")
+
+    (middleware,) = proxy_middlewares()
+    assert middleware.cls is JSONOverload
+    client = TestClient(JSONOverload(app))
+    refused = client.get("/serve-backpressure")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "server_overloaded")
+    assert "Request dropped due to backpressure" in error["message"]
+    assert int(refused.headers["content-length"]) == len(refused.content)
+    assert client.get("/app-503").json() == {"error": {"code": "mine"}}
+    assert client.get("/ok").text == "fine"
+
+
 def test_within_timeout_answers_504():
     async def slow() -> None:
         await asyncio.sleep(5)

@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--throughput-optimized",
         choices=["on", "off"],
-        default="on",
-        help=f"Ray Serve's throughput-optimised mode ({THROUGHPUT_ENV}=1) for the local Ray this command starts; "
-        "a running cluster keeps its own setting (default: on)",
+        default=None,
+        help=f"Ray Serve's throughput-optimised mode ({THROUGHPUT_ENV}) for the local Ray this command starts; a "
+        "running cluster keeps its own setting (default: off, or the variable when set; off served this app faster "
+        "in benchmarks/serve_throughput.py)",
     )
     group = parser.add_argument_group("model, batching and limits (the args of configs/serve.yaml)")
     _add_flags(group, ServeArgs.model_fields)
@@ -136,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         if args.address is None and "RAY_ADDRESS" not in os.environ:
             # The Ray started here inherits this environment (Serve reads these when its processes start).
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray binds 127.0.0.1 only
-            os.environ.setdefault(THROUGHPUT_ENV, "1" if args.throughput_optimized == "on" else "0")
+            if args.throughput_optimized is not None:
+                os.environ[THROUGHPUT_ENV] = "1" if args.throughput_optimized == "on" else "0"
             os.environ.setdefault(CALLBACK_ENV, CALLBACK)  # overload 503s in JSON
         ray.init(address=args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
