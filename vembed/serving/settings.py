@@ -120,13 +120,17 @@ class AutoscalingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_replicas: int = Field(1, ge=0, description="fewest replicas (0 scales to zero when idle)")
-    max_replicas: int = Field(4, ge=1, description="most replicas")
+    min_replicas: int = Field(1, ge=0, description="autoscaling: fewest replicas (0 scales to zero when idle)")
+    max_replicas: int = Field(4, ge=1, description="autoscaling: most replicas")
     target_ongoing_requests: float = Field(
-        32.0, gt=0, description="ongoing requests per replica the autoscaler aims at (working + waiting for a batch)"
+        32.0, gt=0, description="autoscaling: ongoing requests per replica it aims at (working + waiting for a batch)"
     )
-    upscale_delay_s: float = Field(30.0, ge=0, description="seconds of demand above target before adding replicas")
-    downscale_delay_s: float = Field(600.0, ge=0, description="seconds of demand below target before removing replicas")
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="autoscaling: seconds of demand above target before adding replicas"
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="autoscaling: seconds of demand below target before removing replicas"
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> AutoscalingSettings:
