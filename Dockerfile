@@ -23,5 +23,9 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 # Job entrypoints, called by absolute path from the manifests.
 COPY --chown=ray:users ray_jobs ./ray_jobs
 
+# Serve's overload 503 as vembed's JSON error (Serve's HTTP proxy callback, read when a proxy starts); Serve's
+# throughput-optimised mode off, as measured for this app (benchmarks/serve_throughput.py; set 1 to try it).
 ENV TOKENIZERS_PARALLELISM=false \
-    HF_HOME=/home/ray/.cache/huggingface
+    HF_HOME=/home/ray/.cache/huggingface \
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=vembed.serving.overload:proxy_middlewares \
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=0

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from vembed.inference import VEmbedFactoryPredictor
-    from vembed.serving.app import build_app
+    from vembed.serving.app import embedding_app
+    from vembed.serving.settings import DeploymentSettings
 
     torch.set_num_threads(args.threads)
     predictor = VEmbedFactoryPredictor(model_path)
@@ -192,10 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             name = f"b{batch}"
             # Ray sets a replica's OMP_NUM_THREADS (torch's thread count) to its num_cpus.
             settings = {"model": model_path, "model_name": "bench", "api_key_env": None, "max_batch_size": batch}
-            settings.update(
-                num_cpus=args.threads, batch_wait_ms=args.batch_wait_ms, max_ongoing_requests=2 * args.clients
+            settings["batch_wait_ms"] = args.batch_wait_ms
+            deployment = DeploymentSettings.from_flat(
+                {"num_cpus": args.threads, "max_ongoing_requests": 2 * args.clients}
             )
-            serve.run(build_app(settings), name=name, route_prefix=f"/{name}")
+            serve.run(embedding_app(settings, deployment), name=name, route_prefix=f"/{name}")
             urls[result.name] = f"http://127.0.0.1:{port}/{name}"
             serve_load(urls[result.name], warmup, args.clients, args.max_seconds)
         serve.run(noop_app(), name="noop", route_prefix="/noop")

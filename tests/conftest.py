@@ -13,6 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Serve's overload 503 in JSON (vembed.serving.overload), as `vembed serve` and the cluster image set it
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "vembed.serving.overload:proxy_middlewares")
 
 # Logical CPUs of the session's Ray instance: more than the machine's 2 cores, so a Ray Train run (workers + the
 # Ray Data read and preprocessing tasks of its train and val pipelines) never waits on a CPU slot that

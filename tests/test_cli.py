@@ -42,7 +42,7 @@ def _bad_command_lines(tmp: Path) -> list[tuple[list[str], str]]:
         (["embed", "--model", str(model), "--output", str(tmp / "out")], "required: --input"),
         (["embed", "--model", missing, "--input", str(tmp), "--output", str(tmp / "out")], "model path not found"),
         (["serve", "--model", missing], "model path not found"),
-        (["serve", "--model", str(model), "--replicas", "2", "--min-replicas", "1"], "not both"),
+        (["serve", "--model", str(model), "--replicas", "2", "--min-replicas", "1", "--max-replicas", "2"], "not both"),
         (["evaluate", "--model", str(model), "--data", str(tmp / "nope.jsonl")], "not found"),
         (["demo", "--epochs", "x"], "invalid int value"),
         (["train", "--log-level", "loud"], "invalid choice"),

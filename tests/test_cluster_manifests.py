@@ -150,7 +150,7 @@ def test_rayjob_embed_runs_the_embed_entrypoint_with_valid_options():
 
 
 def test_rayservice_embeds_the_serve_config_of_configs_serve_yaml():
-    from vembed.serving.settings import ServeArgs
+    from vembed.serving.settings import check_serve_config
 
     doc = _one("rayservice.yaml", "RayService")
     _check_cluster_spec(doc["spec"]["rayClusterConfig"])
@@ -159,8 +159,16 @@ def test_rayservice_embeds_the_serve_config_of_configs_serve_yaml():
     (app,), (local_app,) = served["applications"], local["applications"]
     assert app["import_path"] == local_app["import_path"] and app["route_prefix"] == local_app["route_prefix"]
     assert set(app["args"]) == set(local_app["args"]), "serveConfigV2 must carry the same args as serve.yaml"
-    args = ServeArgs.model_validate(app["args"])
-    assert args.require_api_key and args.num_gpus >= 1 and served["http_options"]["host"] == "0.0.0.0"
+    ((args, deployment),) = check_serve_config(served)  # Ray's schema, args and `deployments:` together
+    assert args.require_api_key and served["http_options"]["host"] == "0.0.0.0"
+    (entry,), (local_entry,) = app["deployments"], local_app["deployments"]
+    assert set(entry) == set(local_entry), "serveConfigV2 must carry the same deployment options as serve.yaml"
+    resources = deployment.ray_actor_options
+    assert resources.num_gpus >= 1 and resources.memory, "each replica reserves its GPU and memory"
+    (group,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert resources.num_gpus <= int(limits["nvidia.com/gpu"]) and resources.memory < _bytes(limits["memory"])
+    assert deployment.autoscaling_config.max_replicas <= group["maxReplicas"] * int(limits["nvidia.com/gpu"])
 
     module, attr = app["import_path"].split(":")
     source = REPO / (module.replace(".", "/") + ".py")
@@ -189,6 +197,10 @@ def test_the_dockerfile_builds_the_image_the_manifests_name():
     assert {"vembed", "configs", "ray_jobs", "pyproject.toml"} <= copied
     assert re.search(r"pip install .*\s\.(\s|$)", text)
     assert f"docker build -t {IMAGE} ." in text
+    from vembed.serving.overload import CALLBACK, CALLBACK_ENV
+
+    assert re.search(rf"^\s+{CALLBACK_ENV}={CALLBACK} \\$", text, flags=re.M), "overload 503s in JSON on the cluster"
+    assert re.search(r"^\s+RAY_SERVE_THROUGHPUT_OPTIMIZED=0\s*$", text, flags=re.M), "the measured default"
 
 
 def test_ray_up_config_has_what_the_launcher_needs():
@@ -255,3 +267,12 @@ def test_job_entrypoints_run_as_scripts(script):
     )
     assert shown.returncode == 0, shown.stderr
     assert ("--config_override" if script == "train.py" else "--model") in shown.stdout
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``32Gi``, ``512Mi``) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)

@@ -20,6 +20,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.ray
 
+REPO = Path(__file__).resolve().parent.parent
+
 API_KEY = "serve-test-key"
 MODEL = "tiny-clip"
 MAX_ITEMS = 16
@@ -57,6 +59,7 @@ def base_url(ray_local, tiny_clip_dir, image_root, tmp_path_factory):
     argv += ["--max-items", str(MAX_ITEMS), "--max-image-bytes", str(MAX_IMAGE_BYTES)]
     argv += ["--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-request-bytes", str(MAX_REQUEST_BYTES)]
     argv += ["--max-text-chars", "2000", "--text-overflow", "reject", "--allowed-image-root", str(image_root)]
+    argv += ["--replicas", "1", "--max-ongoing-requests", "48", "--max-queued-requests", "100", "--num-cpus", "1"]
     assert run(parser.parse_args(argv)) == 0
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -361,18 +364,35 @@ def test_64_concurrent_requests_each_get_their_own_answer(base_url, http, predic
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# overload: past max_ongoing_requests + max_queued_requests a replica answers 503 in JSON and keeps serving
+# a Serve config file's `deployments:` entry: Serve applies and enforces it; overload is a JSON 503, the replica lives
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_overload_of_one_replica_gets_json_503s_and_the_replica_keeps_serving(base_url, tiny_clip_dir, predictor):
+def test_deployments_section_applies_and_overload_gets_json_503s(base_url, tiny_clip_dir, predictor):
+    """Deployed as ``serve run configs/serve.yaml`` deploys (a declarative config with a ``deployments:`` entry over
+    the options build_app binds); Serve reports the options it applied, and enforces them: one request in the
+    replica, one waiting, the rest get Serve's 503, which reaches the client as vembed's JSON error."""
+    import yaml
     from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
-    from vembed.serving.app import build_app
+    from vembed.serving.settings import DEPLOYMENT_NAME, check_serve_config
 
-    settings = {"model": str(tiny_clip_dir), "model_name": MODEL, "num_replicas": 1, "max_batch_size": 1}
-    settings |= {"max_ongoing_requests": 1, "max_queued_requests": 1, "batch_wait_ms": 0}
-    serve.run(build_app(settings), name="overload", route_prefix="/overload", blocking=False)
+    (template,) = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())["applications"]
+    app = {**template, "name": "overload", "route_prefix": "/overload"}
+    app["args"] = {**template["args"], "model": str(tiny_clip_dir), "model_name": MODEL, "api_key_env": None}
+    app["args"] |= {"max_batch_size": 1, "batch_wait_ms": 0}
+    autoscaling = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1.0}
+    autoscaling |= {"upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
+    app["deployments"] = [
+        {"name": DEPLOYMENT_NAME, "autoscaling_config": autoscaling, "max_ongoing_requests": 1}
+        | {"max_queued_requests": 1, "ray_actor_options": {"num_cpus": 0.5, "memory": 2**28}}
+    ]
+    config = {"applications": [app]}
+    check_serve_config(config)  # vembed's edge check passes
+    client = _get_global_client()
+    client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
     url = f"{base_url}/overload"
     texts = [f"shape {i}: " + "a red circle beside a blue square " * 6 for i in range(64)]  # slow enough to queue
 
@@ -383,6 +403,19 @@ def test_overload_of_one_replica_gets_json_503s_and_the_replica_keeps_serving(ba
             return await asyncio.gather(*(client.post("/v1/embeddings", json=body) for _ in range(32)))
 
     try:
+        status = serve.status().applications["overload"]
+        assert status.status == "RUNNING", status
+        assert status.deployments[DEPLOYMENT_NAME].replica_states == {"RUNNING": 1}
+        details = client.get_serve_details()["applications"]
+        cli = details["vembed"]["deployments"][DEPLOYMENT_NAME]["deployment_config"]  # `vembed serve` flags
+        assert (cli["num_replicas"], cli["max_ongoing_requests"], cli["max_queued_requests"]) == (1, 48, 100)
+        assert cli["ray_actor_options"]["num_cpus"] == 1 and cli.get("autoscaling_config") is None
+        applied = details["overload"]["deployments"][DEPLOYMENT_NAME]["deployment_config"]
+        assert (applied["max_ongoing_requests"], applied["max_queued_requests"]) == (1, 1)
+        assert {k: applied["autoscaling_config"][k] for k in autoscaling} == autoscaling
+        assert applied["ray_actor_options"]["num_cpus"] == 0.5 and applied["ray_actor_options"]["memory"] == 2**28
+        assert applied["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.0}  # bound by build_app
+
         replica = httpx.get(f"{url}/health", timeout=60).json()["replica"]
         responses = asyncio.run(burst())
         codes = [r.status_code for r in responses]
@@ -391,7 +424,7 @@ def test_overload_of_one_replica_gets_json_503s_and_the_replica_keeps_serving(ba
             if response.status_code == 503:
                 error = response.json()["error"]
                 assert error["type"] == "server_error" and error["code"] == "server_overloaded", error
-                assert response.headers["retry-after"] == "1"
+                assert "backpressure" in error["message"] and response.headers["retry-after"] == "1"
         ok = httpx.post(f"{url}/embed/text", json={"texts": ["still serving"]}, timeout=60)
         assert ok.status_code == 200
         np.testing.assert_allclose(ok.json()["embeddings"], predictor.encode_text(["still serving"]), atol=ATOL)

@@ -17,12 +17,12 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
-from vembed.serving.cli import add_arguments, serve_args_from
+from vembed.serving.cli import add_arguments, deployment_settings_from, serve_args_from
 from vembed.serving.errors import APIError, install_error_handlers, param_path, validation_error
 from vembed.serving.limits import BodySizeLimit, check_item_count, check_model, check_texts
 from vembed.serving.security import check_api_key, load_api_key
 from vembed.serving.service import within_timeout
-from vembed.serving.settings import ServeArgs
+from vembed.serving.settings import DeploymentSettings, ServeArgs, check_serve_config
 from vembed.serving.sources import load_request_image, read_image_source
 
 pytestmark = pytest.mark.unit
@@ -43,24 +43,33 @@ def _status(exc_info: pytest.ExceptionInfo) -> tuple[int, str | None]:
 # ---- settings, CLI flags, serve.yaml ----
 
 
-def test_deployment_options_fixed_replicas_and_autoscaling():
-    fixed = ServeArgs(model="m", num_replicas=3, max_batch_size=16)
-    # 32 working + 64 waiting are admitted; Ray delivers 8 more for the replica to refuse in JSON (503)
-    assert fixed.admitted_requests == 96
-    assert fixed.deployment_options() == {
-        "max_ongoing_requests": 104,
-        "max_queued_requests": 4 * 96 + 256,
-        "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0},
+def test_deployment_options_are_ray_serve_options():
+    args = ServeArgs(model="m", max_batch_size=16)
+    assert DeploymentSettings(num_replicas=3).options(args) == {
         "num_replicas": 3,
+        "max_ongoing_requests": 32,  # default: 2 x max_batch_size
+        "max_queued_requests": 64,
+        "backpressure_config": {"status_code": 503, "retry_after_s": 1.0},
+        "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0},
     }
-    auto = ServeArgs(model="m", min_replicas=1, max_replicas=4, max_ongoing_requests=40, num_gpus=1)
-    assert auto.deployment_options()["autoscaling_config"] == {
+    auto = DeploymentSettings.from_flat(
+        {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 5, "max_ongoing_requests": 40, "num_gpus": 1,
+         "memory": 2**30}
+    )  # fmt: skip
+    options = auto.options(args)
+    assert options["autoscaling_config"] == {
         "min_replicas": 1,
         "max_replicas": 4,
         "target_ongoing_requests": 32.0,
+        "upscale_delay_s": 5.0,
+        "downscale_delay_s": 600.0,
     }
-    assert "num_replicas" not in auto.deployment_options()
-    assert auto.deployment_options()["max_ongoing_requests"] == 40 + 64 + 10
+    assert "num_replicas" not in options and options["max_ongoing_requests"] == 40
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0, "memory": 2**30}
+    # Ray's own schema accepts every option vembed binds
+    from ray.serve.schema import DeploymentSchema
+
+    DeploymentSchema.model_validate({"name": "VEmbedEmbeddings", **options})
     assert ServeArgs(model="/ckpt/run-7/").served_model_name == "run-7"
     assert ServeArgs(model="/ckpt/run-7", model_name="prod").served_model_name == "prod"
     assert ServeArgs(model="m", batch_wait_ms=25).batch_wait_timeout_s == pytest.approx(0.025)
@@ -72,17 +81,78 @@ def test_deployment_options_fixed_replicas_and_autoscaling():
         ({"num_replicas": 2, "min_replicas": 1, "max_replicas": 2}, "not both"),
         ({"min_replicas": 1}, "both min_replicas and max_replicas"),
         ({"min_replicas": 3, "max_replicas": 2}, "larger than max_replicas"),
-        ({"max_batch_size": 32, "max_ongoing_requests": 8}, "batches could never fill"),
+        ({"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0}, "greater than 0"),
+        ({"min_replicas": 1, "max_replicas": 2, "downscale_delay_s": -1}, "greater than or equal to 0"),
+        ({"max_ongoing_requests": 0}, "greater than or equal to 1"),
+        ({"max_queued_requests": -2}, "greater than or equal to -1"),
+        ({"num_gpus": -1}, "greater than or equal to 0"),
+        ({"memory": 0}, "greater than or equal to 1"),
+        ({"max_replica": 2}, "max_replica"),
+    ],
+)
+def test_deployment_settings_reject_bad_values(bad, fragment):
+    with pytest.raises(ValueError) as info:
+        DeploymentSettings.from_flat(bad)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
         ({"allowed_url_prefixes": ["ftp://x/"]}, "http(s) URL"),
         ({"allowed_url_prefixes": ["https://example.com"]}, "with a path"),
         ({"max_batch_sise": 8}, "max_batch_sise"),
         ({"text_overflow": "drop"}, "text_overflow"),
+        ({"num_replicas": 2, "max_queued_requests": 8}, "max_queued_requests, num_replicas: Ray Serve deployment"),
     ],
 )
 def test_settings_reject_inconsistent_values(bad, fragment):
     with pytest.raises(ValidationError, match=None) as info:
         ServeArgs(model="m", **bad)
     assert fragment in str(info.value)
+
+
+def test_batches_must_fit_max_ongoing_requests():
+    with pytest.raises(ValueError, match="batches could never fill"):
+        DeploymentSettings(max_ongoing_requests=8).options(ServeArgs(model="m", max_batch_size=32))
+
+
+def _serve_config(args: dict, deployment: dict | None) -> dict:
+    app = {"name": "vembed", "import_path": "vembed.serving.app:build_app", "args": {"model": "m", **args}}
+    if deployment is not None:
+        app["deployments"] = [deployment]
+    return {"applications": [app]}
+
+
+@pytest.mark.parametrize(
+    "args, deployment, fragment",
+    [
+        ({"max_batch_size": 32}, {"name": "VEmbedEmbeddings", "max_ongoing_requests": 16}, "batches could never"),
+        ({}, {"name": "Embeddings", "num_replicas": 2}, "unknown deployment 'Embeddings'"),
+        (
+            {},
+            {
+                "name": "VEmbedEmbeddings",
+                "num_replicas": 2,
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 2},
+            },
+            "num_replicas",
+        ),  # fmt: skip (Ray's own schema refuses this one)
+        ({}, {"name": "VEmbedEmbeddings", "autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "larger"),
+        ({"max_ongoing_requests": 8}, None, "application 'vembed', args: "),
+    ],
+)
+def test_serve_config_check_names_the_application_and_key(args, deployment, fragment):
+    with pytest.raises(ValueError) as info:
+        check_serve_config(_serve_config(args, deployment))
+    assert fragment in str(info.value)
+
+
+def test_serve_config_check_keeps_options_vembed_does_not_know():
+    deployment = {"name": "VEmbedEmbeddings", "num_replicas": "auto", "health_check_period_s": 5,
+                  "autoscaling_config": {"min_replicas": 0, "max_replicas": 2, "look_back_period_s": 30}}  # fmt: skip
+    ((_, settings),) = check_serve_config(_serve_config({}, deployment))
+    assert settings.autoscaling_config.min_replicas == 0 and settings.num_replicas is None
 
 
 def test_cli_flags_mirror_settings():
@@ -94,11 +164,20 @@ def test_cli_flags_mirror_settings():
          "https://b.example/"]
     )  # fmt: skip
     settings = serve_args_from(args)
-    assert settings.num_replicas == 2 and settings.max_batch_size == 16 and settings.batch_wait_ms == 5.0
+    assert deployment_settings_from(args).num_replicas == 2
+    assert settings.max_batch_size == 16 and settings.batch_wait_ms == 5.0
     assert settings.text_overflow == "reject" and settings.require_api_key is True
     assert settings.allowed_url_prefixes == ["https://a.example/x/", "https://b.example/"]
     assert settings.max_items == ServeArgs.model_fields["max_items"].default  # unset flags keep defaults
     assert (args.host, args.port) == ("127.0.0.1", 8000)
+    scaled = parser.parse_args(
+        ["--model", "m", "--min-replicas", "0", "--max-replicas", "3", "--target-ongoing-requests", "8",
+         "--max-queued-requests", "-1", "--num-gpus", "0.5", "--memory", "1000000"]
+    )  # fmt: skip
+    deployment = deployment_settings_from(scaled)
+    assert deployment.autoscaling_config.max_replicas == 3 and deployment.autoscaling_config.min_replicas == 0
+    assert deployment.max_queued_requests == -1 and deployment.ray_actor_options.num_gpus == 0.5
+    assert deployment.ray_actor_options.memory == 1_000_000
     with pytest.raises(SystemExit):
         parser.parse_args(["--replicas", "2"])  # --model is required
     with pytest.raises(SystemExit):
@@ -113,9 +192,13 @@ def test_serve_yaml_is_a_valid_serve_config_with_valid_args():
     (app,) = schema.applications
     assert app.import_path == "vembed.serving.app:build_app"
     assert schema.http_options.host == "127.0.0.1"
-    settings = ServeArgs.model_validate(app.args)
-    assert settings.deployment_options()["max_ongoing_requests"] >= settings.max_batch_size
+    ((settings, deployment),) = check_serve_config(config)
     assert set(app.args) == set(ServeArgs.model_fields)  # every setting is shown with its value
+    # every option vembed knows is shown under deployments:, with Ray's names
+    (entry,) = config["applications"][0]["deployments"]
+    assert set(entry) >= set(DeploymentSettings.model_fields) - {"num_replicas"}
+    assert set(entry["autoscaling_config"]) == set(type(deployment.autoscaling_config).model_fields)
+    assert set(entry["ray_actor_options"]) == set(type(deployment.ray_actor_options).model_fields)
 
 
 # ---- API key ----
@@ -335,6 +418,38 @@ def test_unexpected_errors_become_500_in_the_same_shape():
     assert response.json() == {
         "error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}
     }
+
+
+def test_serve_plain_text_503_becomes_the_json_error_and_json_passes_through():
+    from starlette.responses import JSONResponse, PlainTextResponse
+
+    from vembed.serving.overload import JSONOverload, proxy_middlewares
+
+    app = FastAPI()
+
+    @app.get("/serve-backpressure")
+    async def backpressure() -> PlainTextResponse:  # what Serve's proxy writes past max_queued_requests
+        return PlainTextResponse("Request dropped due to backpressure", status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/app-503")
+    async def own() -> JSONResponse:
+        return JSONResponse({"error": {"code": "mine"}}, status_code=503)
+
+    @app.get("/ok")
+    async def ok() -> PlainTextResponse:
+        return PlainTextResponse("fine")
+
+    (middleware,) = proxy_middlewares()
+    assert middleware.cls is JSONOverload
+    client = TestClient(JSONOverload(app))
+    refused = client.get("/serve-backpressure")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "server_overloaded")
+    assert "Request dropped due to backpressure" in error["message"]
+    assert int(refused.headers["content-length"]) == len(refused.content)
+    assert client.get("/app-503").json() == {"error": {"code": "mine"}}
+    assert client.get("/ok").text == "fine"
 
 
 def test_within_timeout_answers_504():

@@ -23,7 +23,6 @@ from vembed.inference import Embedded
 from vembed.serving import schemas
 from vembed.serving.errors import APIError, install_error_handlers, validation_error
 from vembed.serving.limits import BodySizeLimit, check_item_count, check_model, check_texts
-from vembed.serving.overload import AdmissionLimit
 from vembed.serving.schemas import (
     EmbeddingObject,
     EmbeddingsRequest,
@@ -52,7 +51,7 @@ ERROR_RESPONSES = {
         401: "missing or wrong API key",
         403: "server-side file or URL not allowed",
         404: "unknown model",
-        503: "overloaded: more requests than max_ongoing_requests + max_queued_requests",
+        503: "overloaded: every replica holds max_ongoing_requests and max_queued_requests wait",
         413: "too many items, text or image too large, body too large",
         504: "request timed out",
     }.items()
@@ -98,7 +97,6 @@ def create_api(service: EmbeddingService, replica_id: str = "local") -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=args.max_request_bytes)
-    app.add_middleware(AdmissionLimit, max_in_flight=args.admitted_requests)  # overload: 503 in JSON
     api = APIRouter(dependencies=[Depends(authorize)], responses=ERROR_RESPONSES)
 
     async def decode_images(sources: Sequence[Union[str, bytes]], params: Sequence[str]) -> list[Image.Image]:

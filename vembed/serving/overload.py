@@ -1,49 +1,84 @@
-"""Overload protection: past a replica's capacity, a request gets an immediate 503 with an OpenAI-shaped JSON
-error and ``Retry-After``, instead of waiting in an unbounded queue until the client times out.
+"""Overload answers in JSON: Serve's own backpressure 503 becomes an OpenAI-shaped error.
 
-A replica admits ``max_ongoing_requests`` (what its batches work on) plus ``max_queued_requests`` (what may wait
-for a batch slot); Ray Serve delivers a few more than that to the replica (see
-:meth:`ServeArgs.deployment_options`) so that the excess reaches this middleware and is refused here in JSON
-rather than by the Serve proxy (whose own backpressure answer is plain text). The probes (``/health``, ``/ready``)
-are never refused, so an overloaded replica is not mistaken for a dead one.
+Ray Serve enforces the deployment's ``max_ongoing_requests`` (per replica) and ``max_queued_requests`` (waiting in
+front of the replicas) itself and answers the excess with a plain-text 503 (``Retry-After`` from
+``backpressure_config``). That answer is written by Serve's HTTP proxy (or, in throughput-optimised mode, by the
+replica's direct-ingress server) before vembed's app sees the request, so vembed does not count requests itself:
+it rewrites that answer. :func:`proxy_middlewares` is Serve's HTTP proxy callback::
+
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=vembed.serving.overload:proxy_middlewares
+
+set in the environment of every Ray node (``vembed serve`` sets it for the Ray it starts; the Dockerfile sets it
+for the cluster images). Without it the 503 still comes, as plain text.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from starlette.middleware import Middleware
+
 from vembed.serving.errors import APIError
 
-EXEMPT_PATHS = ("/health", "/ready")
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+CALLBACK = "vembed.serving.overload:proxy_middlewares"
+REWRITTEN = (429, 503)
 
 
-class AdmissionLimit:
-    """ASGI middleware: at most ``max_in_flight`` HTTP requests in this replica at once; the rest get 503."""
+class JSONOverload:
+    """ASGI middleware: a plain-text 429/503 (Serve's backpressure or unavailability answer) becomes JSON.
 
-    def __init__(self, app: Any, max_in_flight: int) -> None:
+    Answers that are already JSON (every answer of vembed's own app) pass through untouched, as does everything
+    else; ``Retry-After`` is kept.
+    """
+
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
-        self.rejected = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path", "").endswith(EXEMPT_PATHS):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
-            self.rejected += 1
-            error = APIError(
-                503,
-                f"the server is overloaded ({self.in_flight} requests in this replica, at most {self.max_in_flight}"
-                "); retry after a moment",
-                code="server_overloaded",
-            )
-            response = error.response()
-            response.headers["Retry-After"] = "1"
-            await response(scope, receive, send)
-            return
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
+        held: dict[str, Any] = {}
+        body = bytearray()
+
+        async def rewrite(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                if message["status"] in REWRITTEN and not headers.get(b"content-type", b"").startswith(
+                    b"application/json"
+                ):
+                    held.update(message)
+                    return
+            elif held and message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                await self._send_json(send, held, body.decode("utf-8", "replace"))
+                held.clear()
+                return
+            await send(message)
+
+        await self.app(scope, receive, rewrite)
+
+    @staticmethod
+    async def _send_json(send: Any, start: dict[str, Any], text: str) -> None:
+        status = start["status"]
+        overloaded = "backpressure" in text.lower() or status == 429
+        message = "the server is overloaded; retry after a moment" if overloaded else "the service is unavailable"
+        error = APIError(
+            status,
+            f"{message} (Ray Serve: {text.strip() or 'no detail'})",
+            code="server_overloaded" if overloaded else "service_unavailable",
+        )
+        response = error.response()
+        for name, value in start.get("headers") or []:
+            if name.lower() == b"retry-after":
+                response.headers["Retry-After"] = value.decode()
+        await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """Serve's HTTP proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``): the JSON overload answer."""
+    return [Middleware(JSONOverload)]
