@@ -88,6 +88,21 @@ def tiny_qwen3_vl_dir(tiny_models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_colqwen_dir(tiny_qwen3_vl_dir, tiny_models_dir) -> Path:
+    """The tiny Qwen3-VL saved as an untrained ColQwen-style model: its content tokens' states through a 16-d head
+    (``pooling_method: none``, ``vector_tokens: content``)."""
+    import torch
+
+    from vembed.model import EmbeddingModel
+
+    torch.manual_seed(0)
+    model = EmbeddingModel.from_pretrained(
+        str(tiny_qwen3_vl_dir), pooling_method="none", projection_dim=16, vector_tokens="content"
+    )
+    return model.save_pretrained(tiny_models_dir / "colqwen")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_embedding_dir(tiny_models_dir) -> Path:
     from vembed.testing import make_tiny_qwen3_embedding
 

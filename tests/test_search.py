@@ -151,3 +151,50 @@ def test_maxsim_rejects_bad_masks() -> None:
         maxsim_scores(q, None, c, torch.tensor([[True, False], [False, False]]))
     with pytest.raises(ValueError, match=r"\[n, tokens, dim\]"):
         maxsim_scores(torch.randn(2, 4), None, c, None)
+
+
+def _ragged_corpus(rng, n: int, longest: int, dim: int, gaps: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` items of 1..``longest`` tokens padded to ``longest`` (padding holds large values a wrong mask would
+    pick), optionally with masked-out tokens inside items (as a ColQwen content mask leaves)."""
+    x = rng.standard_normal((n, longest, dim)).astype(np.float32)
+    mask = np.arange(longest)[None, :] < rng.integers(1, longest + 1, size=n)[:, None]
+    if gaps:
+        holes = rng.random(mask.shape) < 0.2
+        holes[:, 0] = False
+        mask &= ~holes
+    x[~mask] = 50.0
+    return x, mask
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_padding_aware_maxsim_search_equals_the_loop_reference(chunk_size: int, exclude_self: bool) -> None:
+    rng = np.random.default_rng(7)
+    q, qm = _ragged_corpus(rng, 11, 6, 5, gaps=True)
+    c, cm = (q, qm) if exclude_self else _ragged_corpus(rng, 17, 12, 5, gaps=True)
+    full = reference_maxsim(q, qm, c, cm)
+    np.testing.assert_allclose(maxsim_scores(q, qm, c, cm, chunk_size=chunk_size).numpy(), full, atol=1e-4)
+    k = 5
+    scores, idx = maxsim_topk(q, qm, c, cm, k=k, chunk_size=chunk_size, exclude_self=exclude_self)
+    ref_s, ref_i = reference_topk(full, k, exclude_self)
+    np.testing.assert_array_equal(idx.numpy(), ref_i)
+    np.testing.assert_allclose(scores.numpy(), ref_s, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 64])
+def test_maxsim_ties_between_items_of_different_lengths_go_to_the_lower_index(chunk_size: int) -> None:
+    from vembed.evaluation.metrics import retrieval_metrics
+
+    # Candidate 0 holds the vector v twice, candidate 2 once: equal MaxSim, but a length-sorted scan meets 2 first.
+    v, w = [1.0, 0.0], [0.0, 1.0]
+    cands = torch.tensor([[v, v, v], [w, [0.0, 0.0], [0.0, 0.0]], [v, [0.0, 0.0], [0.0, 0.0]]])
+    cand_mask = torch.tensor([[True, True, True], [True, False, False], [True, False, False]])
+    query = torch.tensor([[v]])
+    scores, idx = maxsim_topk(query, None, cands, cand_mask, k=2, chunk_size=chunk_size)
+    assert idx.tolist() == [[0, 2]] and scores.tolist() == [[1.0, 1.0]]
+    ranks = {}
+    for relevant in (0, 2):
+        ranks[relevant] = retrieval_metrics(
+            query, cands, [[relevant]], query_mask=None, cand_mask=cand_mask, ks=(1,), chunk_size=chunk_size
+        )["mrr"]
+    assert ranks == {0: 1.0, 2: 0.5}  # the tie ranks the lower index first, whichever is relevant

@@ -1,6 +1,7 @@
-"""A tiny Qwen3-VL embedder served (one real Serve app, real HTTP) and batch-embedded (one Ray Data job), with
+"""A tiny Qwen3-VL embedder served (one real Serve instance, real HTTP) and batch-embedded (one Ray Data job), with
 instructions: every vector must equal the in-process Predictor's, which tests/test_vlm_predictor.py checks against
-the official format."""
+the official format. The same Serve instance also serves the tiny ColQwen-style multi-vector model under
+``/colqwen`` (its Predictor is checked against plain transformers in tests/test_multivector_vlm.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from PIL import Image
 pytestmark = pytest.mark.ray
 
 MODEL = "tiny-vl"
+MULTI_VECTOR_PREFIX = "/colqwen"
 ATOL = 1e-5
 TASK = "Find the shape that the caption describes"
 PRESETS = {"caption": TASK}
@@ -43,7 +45,14 @@ def predictor(tiny_qwen3_vl_dir):
 
 
 @pytest.fixture(scope="module")
-def http(ray_local, tiny_qwen3_vl_dir):
+def colqwen_predictor(tiny_colqwen_dir):
+    from vembed.inference import VEmbedFactoryPredictor
+
+    return VEmbedFactoryPredictor(tiny_colqwen_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def http(ray_local, tiny_qwen3_vl_dir, tiny_colqwen_dir):
     from ray import serve
 
     from vembed.serving.cli import add_arguments, run
@@ -54,6 +63,10 @@ def http(ray_local, tiny_qwen3_vl_dir):
     argv = ["--model", str(tiny_qwen3_vl_dir), "--model-name", MODEL, "--port", str(port), "--detach"]
     argv += ["--max-batch-size", "8", "--batch-wait-ms", "20", "--api-key-env", "VEMBED_TEST_NO_SUCH_KEY"]
     argv += [f"--instruction-preset=caption={TASK}"]
+    assert run(parser.parse_args(argv)) == 0
+    # a second application of the same Serve instance: the multi-vector model, under its own route prefix
+    argv = ["--model", str(tiny_colqwen_dir), "--model-name", "tiny-colqwen", "--port", str(port), "--detach"]
+    argv += ["--name", "colqwen", "--route-prefix", MULTI_VECTOR_PREFIX, "--api-key-env", "VEMBED_TEST_NO_SUCH_KEY"]
     assert run(parser.parse_args(argv)) == 0
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180) as client:
         yield client
@@ -99,6 +112,23 @@ def test_embed_endpoints_and_similarity_take_instructions(http, predictor, image
     assert both.status_code == 400 and both.json()["error"]["param"] == "instruction_name"
     unknown = http.post("/embed/text", json={"texts": "x", "instruction_name": "query"})
     assert unknown.status_code == 400 and "presets: caption" in unknown.json()["error"]["message"]
+
+
+def test_multi_vector_embed_image_and_text_return_the_predictors_vector_lists(http, colqwen_predictor, image_paths):
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in image_paths]
+    response = http.post(f"{MULTI_VECTOR_PREFIX}/embed/image", files=files, data={"instruction": TASK})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = colqwen_predictor.encode_image([str(p) for p in image_paths], instruction=TASK)
+    assert body["dimensions"] == 16 and body["num_vectors"] == [len(e) for e in expected]
+    assert all(len(e) > 1 for e in expected)  # one vector per image token
+    for got, want in zip(body["embeddings"], expected, strict=True):
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, atol=1e-4)
+    texts = http.post(f"{MULTI_VECTOR_PREFIX}/embed/text", json={"texts": TEXTS}).json()
+    for got, want in zip(texts["embeddings"], colqwen_predictor.encode_text(TEXTS), strict=True):
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, atol=1e-4)
+    refused = http.post(f"{MULTI_VECTOR_PREFIX}/v1/embeddings", json={"model": "tiny-colqwen", "input": TEXTS[0]})
+    assert refused.status_code == 400 and "multi-vector" in refused.json()["error"]["message"]
 
 
 def test_batch_embedding_with_instruction_equals_the_predictor(

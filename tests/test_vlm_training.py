@@ -153,6 +153,7 @@ def test_grad_cache_chunks_by_item_and_equals_the_full_batch(tiny_qwen3_vl_dir, 
     [
         ("train_qwen3_vl_t2i_lora.yaml", "tiny_qwen3_vl_dir", "t2i"),
         ("train_qwen3_vl_t2i_lora_fsdp.yaml", "tiny_qwen3_vl_dir", "t2i"),
+        ("train_colqwen_vl_lora.yaml", "tiny_qwen3_vl_dir", "t2i"),
         ("train_qwen3_embedding_t2t.yaml", "tiny_qwen3_embedding_dir", "t2t"),
     ],
 )
@@ -175,6 +176,7 @@ def test_presets_load_and_train_a_step_on_a_local_model(preset, model_fixture, m
     assert cfg.retrieval_mode == mode and cfg.query_instruction
     model = build_training_model(cfg)  # LoRA and gradient checkpointing as the preset says
     assert model.family == ("vlm" if "vl" in preset else "text")
+    assert model.vector_tokens == ("content" if "colqwen" in preset else None)
     assert cfg.strategy == ("fsdp" if "fsdp" in preset else "ddp")
     preprocessor = Preprocessor.from_config(cfg)
     batch = DefaultCollator(preprocessor, mode="train", retrieval_mode=mode)(

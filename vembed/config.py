@@ -46,6 +46,7 @@ class VEmbedConfig:
     text_model_name: Optional[str]
     image_model_name: Optional[str]
     pooling_method: Literal["auto", "cls", "mean", "last", "none"]
+    vector_tokens: Literal["auto", "non_padding", "content"]
     projection_dim: Optional[int]
     normalize: bool
     mrl_dims: list[int]
@@ -312,7 +313,24 @@ def _build(values: Mapping[str, Any], sources: Mapping[str, str]) -> VEmbedConfi
             "mixed_precision: bf16 (or no), or strategy: ddp for fp16"
         )
     _check_preprocessing(typed, sources)
+    _check_vector_tokens(typed, sources)
     return VEmbedConfig(**typed)
+
+
+def _check_vector_tokens(typed: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """``vector_tokens`` chooses a multi-vector model's tokens: it needs ``pooling_method: none``, and ``content``
+    (text and image tokens without the chat template) exists only for vision-language (vlm) models."""
+    value, source = typed["vector_tokens"], sources.get("vector_tokens", "config")
+    if value != "auto" and typed["pooling_method"] != "none":
+        raise ConfigError(
+            f"vector_tokens={value} ({source}) applies to multi-vector models only; set pooling_method: none "
+            f"(got {typed['pooling_method']!r}) or drop vector_tokens"
+        )
+    if value == "content" and typed["model_family"] not in ("auto", "vlm"):
+        raise ConfigError(
+            f"vector_tokens=content ({source}) keeps a vision-language model's text and image tokens without its "
+            f"chat template; a {typed['model_family']} model has no template: use vector_tokens: non_padding"
+        )
 
 
 def _check_preprocessing(typed: Mapping[str, Any], sources: Mapping[str, str]) -> None:

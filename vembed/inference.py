@@ -6,8 +6,9 @@ raw HF model directory / hub id), picks CUDA when present, runs in eval + infere
 
 Multi-vector (late interaction, ``pooling_method: none``) checkpoints return one ``[L_i, D]`` array per item instead
 of one row: the item's token vectors (which tokens count is the checkpoint's ``vector_tokens``: every non-padding
-token for ColBERT-style encoders), each row L2-normalised, padding never included, so an item's vectors are the
-same alone or in any batch. ``similarity`` then scores by MaxSim (:mod:`vembed.maxsim`).
+token for ColBERT-style encoders, a VLM's text and image tokens for ColQwen-style ones), each row L2-normalised,
+padding never included, so an item's vectors are the same alone or in any batch. ``similarity`` then scores by
+MaxSim (:mod:`vembed.maxsim`).
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ class VEmbedFactoryPredictor:
         """A vision-language batch (``preprocessor.process_conversations``: ``input_ids``, ``attention_mask``,
         ``mm_token_type_ids`` and optional ``pixel_values`` / ``image_grid_thw``) -> ``[N, D]`` float32."""
         tensors = {}
-        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "content_mask", "image_grid_thw"):
             if batch.get(key) is not None:
                 tensors[key] = torch.as_tensor(np.asarray(batch[key]), device=self.device)
         if batch.get("pixel_values") is not None:

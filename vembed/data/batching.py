@@ -10,9 +10,9 @@
 
 A multimodal query (m2i, m2t) has both ``query_input_ids`` and ``query_pixel_values``. A vision-language model
 (``preprocessor.is_vlm``) gets the VLM batch format instead (every item one chat sequence: ``{role}_input_ids``,
-``_attention_mask``, ``_mm_token_type_ids`` ``[B, L]`` / negatives ``[B, K, L]``, flat ``{role}_pixel_values
-[sum P, C]`` and ``{role}_image_grid_thw [N, 3]``); for Ray Data (``pad_to_max_length``) its rows are per-row ragged
-arrays (:mod:`vembed.data.ragged`). A *bad record* (an empty
+``_attention_mask``, ``_mm_token_type_ids``, ``_content_mask`` ``[B, L]`` / negatives ``[B, K, L]``, flat
+``{role}_pixel_values [sum P, C]`` and ``{role}_image_grid_thw [N, 3]``); for Ray Data (``pad_to_max_length``) its
+rows are per-row ragged arrays (:mod:`vembed.data.ragged`). A *bad record* (an empty
 text, an image that is missing or not decodable) is dropped and reported under ``on_bad_record="skip"`` -- never
 replaced by a blank image -- and raises :class:`BadRecordError` naming the record and the file under ``"fail"``.
 """
@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vembed.data.images import decode_image, read_bytes
-from vembed.data.ragged import to_rows
+from vembed.data.ragged import TOKEN_KEYS, to_rows
 from vembed.data.records import SOURCE_FIELD, RecordSchema, normalize_records, role_modalities
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def _to_vlm_arrays(
     for role, (texts, images) in parts.items():
         encoded = preprocessor.process_conversations(texts, images, preprocessor.instruction_for(role))
         for key, value in encoded.items():
-            if role == "negative" and key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            if role == "negative" and key in TOKEN_KEYS:
                 value = value.reshape(size, num_negatives, -1)
             batch[f"{role}_{key}"] = value
     if loaded[0].label is not None:

@@ -472,7 +472,7 @@ class Preprocessor:
 
         ``instruction`` is the system message of every item (None: the model's default, "Represent the user's
         input."; a final "." is added when it ends without punctuation). Returns ``input_ids``,
-        ``attention_mask``, ``mm_token_type_ids`` ``[B, L]`` and, with images, ``pixel_values`` ``[sum P_i, C]``
+        ``attention_mask``, ``mm_token_type_ids``, ``content_mask`` ``[B, L]`` and, with images, ``pixel_values`` ``[sum P_i, C]``
         and ``image_grid_thw`` ``[N_images, 3]``.
 
         Raises:

@@ -3,7 +3,7 @@
 A VLM item's patches ``[P_i, C]`` and grid ``[n_i, 3]`` differ in size from item to item, and its sequence length is
 bounded only by the model's (long) position table, so a Ray Data row cannot be padded to one fixed shape. Each row
 therefore carries its own arrays (:func:`to_rows`): ``{role}_input_ids`` / ``_attention_mask`` /
-``_mm_token_type_ids`` ``[L_i]`` (negatives ``[K, L_i]``), ``{role}_pixel_values [P_i, C]`` and
+``_mm_token_type_ids`` / ``_content_mask`` ``[L_i]`` (negatives ``[K, L_i]``), ``{role}_pixel_values [P_i, C]`` and
 ``{role}_image_grid_thw [n_i, 3]`` (negatives: all K items' images, in order). :func:`collate_rows` turns a batch of
 such rows back into the model's batch format (tokens right-padded to the batch's longest row -- last-token pooling
 and the positions read the mask, so the padding side does not change a vector -- and patches concatenated in item
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 ROLES: tuple[str, ...] = ("query", "positive", "negative")
-TOKEN_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "mm_token_type_ids")
+TOKEN_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "mm_token_type_ids", "content_mask")
 IMAGE_KEYS: tuple[str, ...] = ("pixel_values", "image_grid_thw")
 
 
@@ -85,16 +85,16 @@ def to_rows(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]
         if mask is None:
             continue
         mask = np.asarray(mask)
-        rows: dict[str, list[np.ndarray]] = {key: [] for key in TOKEN_KEYS}
+        rows: dict[str, list[np.ndarray]] = {key: [] for key in TOKEN_KEYS if f"{role}_{key}" in batch}
         for i in range(size):
             row_mask = mask[i].reshape(-1, mask.shape[-1])  # [1 or K, L]
             used = np.flatnonzero(row_mask.any(axis=0))
             span = slice(int(used[0]), int(used[-1]) + 1) if used.size else slice(0, 0)
-            for key in TOKEN_KEYS:
+            for key, kept in rows.items():
                 value = np.asarray(batch[f"{role}_{key}"])[i]
-                rows[key].append(np.ascontiguousarray(value[..., span]))
-        for key in TOKEN_KEYS:
-            out[f"{role}_{key}"] = _object_array(rows[key])
+                kept.append(np.ascontiguousarray(value[..., span]))
+        for key, kept in rows.items():
+            out[f"{role}_{key}"] = _object_array(kept)
         grid = batch.get(f"{role}_image_grid_thw")
         if grid is None:
             continue

@@ -187,17 +187,17 @@ def relevant_ranks(
         rel_s, order = rel_s.gather(1, order).sort(dim=1, stable=True)
         rel_i = rel_i.gather(1, order)
 
-        # Relevant pairs sorted by candidate, so each candidate block finds its own pairs by bisection.
-        by_cand = torch.argsort(idx_d)
-        pair_rows, pair_cands = rows_d[by_cand], idx_d[by_cand]
+        # Each candidate block finds its own relevant pairs by bisection in its (ascending) candidate indices.
+        pair_rows, pair_cands = rows_d, idx_d
         bucket = torch.zeros(q1 - q0, width + 1, dtype=torch.long, device=device)  # b: above the b lowest relevant
         tie_ahead = torch.zeros(q1 - q0, width + 1, dtype=torch.long, device=device)
-        for c0, scores in iter_blocks(scorer, q0, q1, chunk_size, exclude_self):
-            lo, hi = torch.searchsorted(pair_cands, torch.tensor([c0, c0 + scores.shape[1]], device=device)).tolist()
-            scores[pair_rows[lo:hi], pair_cands[lo:hi] - c0] = float("-inf")  # relevant items are ranked apart
+        for cols, scores in iter_blocks(scorer, q0, q1, chunk_size, exclude_self):
+            at = torch.searchsorted(cols, pair_cands).clamp(max=len(cols) - 1)  # the pairs whose candidate is here
+            here = cols[at] == pair_cands
+            scores[pair_rows[here], at[here]] = float("-inf")  # relevant items are ranked apart
             below = torch.searchsorted(rel_s, scores)  # how many relevant scores are strictly lower
             bucket.scatter_add_(1, below, torch.ones((), dtype=torch.long, device=device).expand_as(below))
-            _count_ties(scores, below, rel_s, rel_i, c0, tie_ahead)
+            _count_ties(scores, below, rel_s, rel_i, cols, tie_ahead)
         nonrel_ahead = bucket.flip(1).cumsum(1).flip(1)[:, 1:] + tie_ahead[:, :width]
         rel_ahead = counts.to(device)[:, None] - 1 - torch.arange(width, device=device)
         ranks = 1 + rel_ahead + nonrel_ahead
@@ -205,15 +205,16 @@ def relevant_ranks(
         yield ranks.sort(dim=1).values.cpu(), counts
 
 
-def _count_ties(scores: Tensor, below: Tensor, rel_s: Tensor, rel_i: Tensor, c0: int, tie_ahead: Tensor) -> None:
-    """For block entries equal to relevant scores, add one to each such relevant item with a higher index."""
+def _count_ties(scores: Tensor, below: Tensor, rel_s: Tensor, rel_i: Tensor, cols: Tensor, tie_ahead: Tensor) -> None:
+    """For block entries equal to relevant scores, add one to each such relevant item with a higher index
+    (``cols``: the block's candidate indices)."""
     row, col = (rel_s.gather(1, below) == scores).nonzero(as_tuple=True)
     slot = below[row, col]
     one = torch.ones((), dtype=tie_ahead.dtype, device=tie_ahead.device)
     while len(row):  # walk each run of equal relevant scores (almost always of length 1); +inf sentinel ends it
         equal = rel_s[row, slot] == scores[row, col]
         row, col, slot = row[equal], col[equal], slot[equal]
-        ahead = col + c0 < rel_i[row, slot]
+        ahead = cols[col] < rel_i[row, slot]
         tie_ahead.index_put_((row[ahead], slot[ahead]), one, accumulate=True)
         slot = slot + 1
 

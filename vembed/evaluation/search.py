@@ -8,6 +8,12 @@ Memory stays bounded because scores are only ever built for one block of queries
 candidates (``chunk_size`` x ``chunk_size`` items); a running top-k per query is merged across candidate
 blocks, so neither the full ``[Q, N]`` score matrix nor a ``[chunk, N]`` strip exists, whatever N is.
 
+Multi-vector search is padding-aware: candidates are visited in order of length (their last real token), so
+each block holds items of about one length and is scored cut to its own longest item, and each query block to
+its longest query; no item is padded to the corpus-wide maximum. A scorer's ``scan_order`` is that visiting
+order; :func:`iter_blocks` hands every block on with its columns' candidate indices (ascending), so top-k, score
+matrices and rank counting see the same scores and tie rule as an unsorted scan.
+
 Ties: candidates are ordered by score, descending, then by candidate index, ascending. The order is
 therefore deterministic and identical for every ``chunk_size``. ``torch.topk`` gives no order among equal
 values, so each block's selection is re-sorted by (score, index), and rows where equal scores straddle
@@ -101,6 +107,9 @@ def _check_chunk_size(chunk_size: int) -> None:
 class DotScorer:
     """Inner-product scores between single-vector queries ``[Q, D]`` and candidates ``[N, D]``."""
 
+    #: candidates are scanned in index order
+    scan_order: Tensor | None = None
+
     def __init__(self, queries: ArrayLike, candidates: ArrayLike, exclude_self: bool = False) -> None:
         self.queries = as_embeddings(queries, "queries")
         self.candidates = as_embeddings(candidates, "candidates")
@@ -136,6 +145,9 @@ class MaxSimScorer:
     ``queries`` is ``[Q, Lq, D]``, ``candidates`` is ``[N, Lc, D]``; masks are ``[Q, Lq]`` / ``[N, Lc]`` with
     True for real tokens (None: all real). A block of ``q`` queries and ``c`` candidates holds
     ``q * Lq * c * Lc`` floats, so keep ``chunk_size`` small (the default 64 with Lq=32, Lc=256 is 128 MiB).
+
+    Candidates are scanned by length (``scan_order``: a stable sort of their last real token), and every block
+    is cut to the longest item it holds, so an item costs about its own length, not the corpus-wide padded one.
     """
 
     def __init__(
@@ -152,6 +164,9 @@ class MaxSimScorer:
         self.query_mask = _as_token_mask(query_mask, self.queries, "query_mask")
         self.cand_mask = _as_token_mask(cand_mask, self.candidates, "cand_mask")
         self.device = self.queries.device
+        self.query_len = _lengths(self.query_mask)
+        self.cand_len = _lengths(self.cand_mask)
+        self.scan_order = torch.sort(self.cand_len, stable=True).indices
 
     @property
     def num_queries(self) -> int:
@@ -162,9 +177,13 @@ class MaxSimScorer:
         return len(self.candidates)
 
     def block(self, q0: int, q1: int, c0: int, c1: int) -> Tensor:
-        """MaxSim scores ``[q1 - q0, c1 - c0]`` of queries ``q0:q1`` against candidates ``c0:c1``."""
-        c, cm = self.candidates[c0:c1].to(self.device), self.cand_mask[c0:c1].to(self.device)
-        return maxsim(self.queries[q0:q1], self.query_mask[q0:q1], c, cm)
+        """MaxSim scores ``[q1 - q0, c1 - c0]`` of queries ``q0:q1`` against the candidates at positions ``c0:c1``
+        of ``scan_order`` (columns in that order), each side cut to its longest item."""
+        idx = self.scan_order[c0:c1]
+        lc = int(self.cand_len[idx].max())
+        c, cm = self.candidates[idx, :lc].to(self.device), self.cand_mask[idx, :lc].to(self.device)
+        lq = int(self.query_len[q0:q1].max())
+        return maxsim(self.queries[q0:q1, :lq], self.query_mask[q0:q1, :lq], c, cm)
 
     def pairs(self, query_idx: Tensor, cand_idx: Tensor) -> Tensor:
         """MaxSim scores ``[P]`` of the given (query, candidate) index pairs."""
@@ -172,28 +191,42 @@ class MaxSimScorer:
         step = max(1, _PAIR_BUDGET // (self.queries.shape[1] * self.candidates.shape[1]))
         for s in range(0, len(query_idx), step):
             qi, ci = query_idx[s : s + step], cand_idx[s : s + step].to(self.candidates.device)
-            cands, cand_mask = self.candidates[ci].to(self.device), self.cand_mask[ci].to(self.device)
-            out[s : s + step] = maxsim_paired(self.queries[qi], self.query_mask[qi], cands, cand_mask)
+            lq, lc = int(self.query_len[qi].max()), int(self.cand_len[ci].max())
+            cands, cand_mask = self.candidates[ci, :lc].to(self.device), self.cand_mask[ci, :lc].to(self.device)
+            out[s : s + step] = maxsim_paired(self.queries[qi, :lq], self.query_mask[qi, :lq], cands, cand_mask)
         return out
+
+
+def _lengths(mask: Tensor) -> Tensor:
+    """Per row of a ``[n, tokens]`` mask, one past its last real token (rows without one are refused earlier)."""
+    return mask.shape[1] - mask.flip(1).int().argmax(dim=1)
 
 
 Scorer = DotScorer | MaxSimScorer
 
 
-def iter_blocks(scorer: Scorer, q0: int, q1: int, chunk_size: int, exclude_self: bool) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(c0, scores)`` for consecutive candidate blocks of queries ``q0:q1``.
+def iter_blocks(
+    scorer: Scorer, q0: int, q1: int, chunk_size: int, exclude_self: bool
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(cols, scores)`` for the candidate blocks of queries ``q0:q1``, in the scorer's ``scan_order``.
 
-    With ``exclude_self`` the score of candidate i for query i is -inf, so it never ranks.
+    ``cols`` are the candidate indices of the block's columns, ascending (consecutive when the scorer scans in
+    index order); every candidate is in exactly one block. With ``exclude_self`` the score of candidate i for
+    query i is -inf, so it never ranks.
     """
+    order = scorer.scan_order
     for c0 in range(0, scorer.num_candidates, chunk_size):
         c1 = min(c0 + chunk_size, scorer.num_candidates)
         scores = scorer.block(q0, q1, c0, c1)
+        if order is None:
+            cols = torch.arange(c0, c1, device=scores.device)
+        else:
+            cols, by_index = order[c0:c1].to(scores.device).sort()
+            scores = scores[:, by_index]
         if exclude_self:
-            lo, hi = max(q0, c0), min(q1, c1)
-            if lo < hi:
-                diag = torch.arange(lo, hi, device=scores.device)
-                scores[diag - q0, diag - c0] = float("-inf")
-        yield c0, scores
+            row, col = (cols[None, :] == torch.arange(q0, q1, device=scores.device)[:, None]).nonzero(as_tuple=True)
+            scores[row, col] = float("-inf")
+        yield cols, scores
 
 
 def _order_by_score_then_index(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,11 +267,11 @@ def chunked_topk(scorer: Scorer, k: int, chunk_size: int, exclude_self: bool = F
         q1 = min(q0 + chunk_size, scorer.num_queries)
         best_s = torch.empty(q1 - q0, 0, device=scorer.device)
         best_i = torch.empty(q1 - q0, 0, dtype=torch.long, device=scorer.device)
-        for c0, scores in iter_blocks(scorer, q0, q1, chunk_size, exclude_self):
-            block_s, block_i = _block_topk(scores, k)
-            # Earlier blocks hold lower indices, so a stable sort of [running, block] keeps index order on ties.
-            merged_s, order = torch.cat([best_s, block_s], 1).sort(dim=1, descending=True, stable=True)
-            merged_i = torch.cat([best_i, block_i + c0], 1).gather(1, order)
+        for cols, scores in iter_blocks(scorer, q0, q1, chunk_size, exclude_self):
+            block_s, block_i = _block_topk(scores, k)  # columns ascend by candidate index: index order on ties
+            merged_s, merged_i = _order_by_score_then_index(
+                torch.cat([best_s, block_s], 1), torch.cat([best_i, cols[block_i]], 1)
+            )
             best_s, best_i = merged_s[:, :k], merged_i[:, :k]
         out_scores[q0:q1], out_idx[q0:q1] = best_s, best_i
     return out_scores, out_idx
@@ -274,8 +307,8 @@ def maxsim_scores(
     out = torch.empty(scorer.num_queries, scorer.num_candidates, device=scorer.device)
     for q0 in range(0, scorer.num_queries, chunk_size):
         q1 = min(q0 + chunk_size, scorer.num_queries)
-        for c0, scores in iter_blocks(scorer, q0, q1, chunk_size, exclude_self=False):
-            out[q0:q1, c0 : c0 + scores.shape[1]] = scores
+        for cols, scores in iter_blocks(scorer, q0, q1, chunk_size, exclude_self=False):
+            out[q0:q1, cols] = scores
     return out
 
 

@@ -57,8 +57,10 @@ ADAPTER_DIR = "lora_adapter"  # the layout before adapter saves replaced the bac
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 BASE_WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 #: which tokens are a multi-vector item's vectors (``vembed.json`` ``vector_tokens``, decided once at save):
-#: ``non_padding`` = every token the attention mask keeps, special tokens included (ColBERT-style encoders)
-VECTOR_TOKENS: tuple[str, ...] = ("non_padding",)
+#: ``non_padding`` = every token the attention mask keeps, special tokens included (ColBERT-style encoders);
+#: ``content`` = a vlm item's content tokens only, its text and image tokens without the instruction and chat-template
+#: tokens (ColQwen-style; the ``content_mask`` of :func:`vembed.data.vlm_inputs.process_conversations`)
+VECTOR_TOKENS: tuple[str, ...] = ("non_padding", "content")
 
 
 @dataclass

@@ -5,7 +5,8 @@ projection heads (:mod:`vembed.model.heads`), with every output passed through
 :func:`~vembed.model.postprocess.finalize_embeddings` (Matryoshka truncation, then L2 normalisation).
 
 Outputs: ``[B, D]`` embeddings, or with ``pooling_method="none"`` (multi-vector, late interaction) a pair
-``(token embeddings [B, L, D], mask [B, L])`` whose padding tokens are zero.
+``(token embeddings [B, L, D], mask [B, L])`` whose padding tokens are zero. Which tokens the mask keeps is the
+model's ``vector_tokens`` (:data:`vembed.model.checkpoint.VECTOR_TOKENS`), decided at construction and saved.
 
 Multimodal queries (``encode`` with both text and image, e.g. the m2i retrieval mode) are fused as the sum of the
 L2-normalised text and image embeddings, then finalised (so with ``normalize=True`` the result is the normalised
@@ -26,6 +27,7 @@ from torch import nn
 
 from vembed.config import VEmbedConfig, as_config, load_base_config
 from vembed.model.checkpoint import (
+    VECTOR_TOKENS,
     ModelSpec,
     is_vembed_checkpoint,
     load_family,
@@ -58,6 +60,8 @@ class EmbeddingModel(nn.Module):
         mrl_dims: Matryoshka dims the model is trained for (each must be <= the embedding dim).
         pooling_method: the configured pooling (``auto`` or a method); the family holds the resolved one.
         heads: pre-built heads (loading a checkpoint); default builds fresh ones from ``projection_dim``.
+        vector_tokens: a multi-vector model's tokens: ``non_padding``, ``content`` (vlm only) or ``auto``
+            (``content`` for vlm, else ``non_padding``); must stay ``auto`` for single-vector models.
     """
 
     def __init__(
@@ -68,9 +72,11 @@ class EmbeddingModel(nn.Module):
         mrl_dims: Sequence[int] = (),
         pooling_method: str = "auto",
         heads: nn.ModuleDict | None = None,
+        vector_tokens: str = "auto",
     ):
         super().__init__()
         self.encoder = encoder
+        self._vector_tokens = _resolve_vector_tokens(vector_tokens, encoder)
         widths = encoder.output_dims()
         if projection_dim is None and len(set(widths.values())) > 1:
             raise ValueError(
@@ -137,6 +143,7 @@ class EmbeddingModel(nn.Module):
                 normalize=cfg.normalize,
                 mrl_dims=cfg.mrl_dims,
                 pooling_method=cfg.pooling_method,
+                vector_tokens=cfg.vector_tokens,
             )
         model.preprocessing = _preprocessing_choices(cfg, model.preprocessing)
         if cfg.gradient_checkpointing:
@@ -189,6 +196,9 @@ class EmbeddingModel(nn.Module):
             pooling_method, pooling = cfg.pooling_method, {m: cfg.pooling_method for m in spec.pooling}
         normalize = cfg.normalize if cfg.normalize != defaults.normalize else spec.normalize
         mrl_dims = cfg.mrl_dims if cfg.mrl_dims != defaults.mrl_dims else spec.mrl_dims
+        vector_tokens = cfg.vector_tokens
+        if vector_tokens == "auto" and all(method == "none" for method in pooling.values()):
+            vector_tokens = spec.vector_tokens or "auto"
         family = load_family(directory, spec, pooling, cfg.torch_dtype, cfg.trust_remote_code)
         heads = load_heads(directory, spec, DTYPES[cfg.torch_dtype])
         model = cls(
@@ -198,6 +208,7 @@ class EmbeddingModel(nn.Module):
             mrl_dims=mrl_dims,
             pooling_method=pooling_method,
             heads=heads,
+            vector_tokens=vector_tokens,
         )
         model.preprocessing = dict(spec.preprocessing)
         return model
@@ -226,9 +237,9 @@ class EmbeddingModel(nn.Module):
     @property
     def vector_tokens(self) -> str | None:
         """Which tokens are an item's vectors when multi-vector (saved in ``vembed.json``; see
-        :data:`vembed.model.checkpoint.VECTOR_TOKENS`): every non-padding token, i.e. the mask ``encode_*`` returns.
-        None for single-vector models."""
-        return "non_padding" if self.multi_vector else None
+        :data:`vembed.model.checkpoint.VECTOR_TOKENS`), i.e. the mask ``encode_*`` returns: ``non_padding`` or,
+        for a vlm, ``content`` (its text and image tokens). None for single-vector models."""
+        return self._vector_tokens
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -381,6 +392,7 @@ class EmbeddingModel(nn.Module):
         pixel_values: torch.Tensor | None,
         image_grid_thw: torch.Tensor | None,
         prefix: str = "",
+        content_mask: torch.Tensor | None = None,
     ) -> Embeddings:
         """A sequence family's embeddings (one forward for the whole batch) after the head, before finalisation."""
         if input_ids is None:
@@ -402,6 +414,9 @@ class EmbeddingModel(nn.Module):
         pixels = pixel_values.to(self._dtype) if pixel_values is not None else None
         emb, token_mask = self.encoder.encode_sequence(ids, mask, mm, pixels, image_grid_thw)
         emb = self.heads["sequence"](emb) if "sequence" in self.heads else emb
+        if token_mask is not None and self.vector_tokens == "content":
+            token_mask = _content_tokens(content_mask, mask, prefix)
+            emb = emb * token_mask[..., None].to(emb.dtype)
         return emb if token_mask is None else (emb, token_mask)
 
     def encode(
@@ -413,22 +428,26 @@ class EmbeddingModel(nn.Module):
         *,
         mm_token_type_ids: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        content_mask: torch.Tensor | None = None,
     ) -> Embeddings:
         """Embed text, images, or both (a multimodal query, fused as described in the module docstring).
 
         A sequence family (vlm) takes the VLM batch format instead: ``input_ids``, ``attention_mask`` and
         ``mm_token_type_ids`` ``[B, L]`` plus, when items have images, flat ``pixel_values [sum P_i, C]`` and
         ``image_grid_thw [N_images, 3]``; each item (text, image(s), or images then text) is ONE sequence and one
-        forward embeds the whole batch -- a mixed item is never the sum of two vectors.
+        forward embeds the whole batch -- a mixed item is never the sum of two vectors. ``content_mask`` ``[B, L]``
+        (from the same preprocessing) marks each item's text and image tokens: the vectors a ``vector_tokens:
+        content`` model keeps.
         """
         if self.sequence_inputs:
-            return self._finalize(
-                self._sequence(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw), dim
+            encoded = self._sequence(
+                input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw, content_mask=content_mask
             )
-        if mm_token_type_ids is not None or image_grid_thw is not None:
+            return self._finalize(encoded, dim)
+        if mm_token_type_ids is not None or image_grid_thw is not None or content_mask is not None:
             raise ValueError(
-                f"mm_token_type_ids / image_grid_thw are inputs of vision-language (vlm) models; this is a "
-                f"{self.family} model"
+                "mm_token_type_ids / image_grid_thw / content_mask are inputs of vision-language (vlm) models; this "
+                f"is a {self.family} model"
             )
         if input_ids is None and pixel_values is None:
             raise ValueError("encode needs input_ids (text), pixel_values (images), or both")
@@ -456,8 +475,8 @@ class EmbeddingModel(nn.Module):
         ``[B, 3, H, W]`` for the roles ``query``, ``positive`` and ``negative`` (negatives carry an extra ``K``
         axis: ``[B, K, L]`` / ``[B, K, 3, H, W]``). Other keys (e.g. ``labels``) are ignored. A vlm model reads
         the VLM batch format per role instead: ``{role}_input_ids`` / ``_attention_mask`` / ``_mm_token_type_ids``
-        (negatives ``[B, K, L]``), flat ``{role}_pixel_values [sum P, C]`` and ``{role}_image_grid_thw [N, 3]`` in
-        item order (negatives: item-major, then K).
+        / ``_content_mask`` (negatives ``[B, K, L]``), flat ``{role}_pixel_values [sum P, C]`` and
+        ``{role}_image_grid_thw [N, 3]`` in item order (negatives: item-major, then K).
 
         Returns:
             ``{"query": [B, D], "positive": [B, D], "negatives": [B, K, D]}`` for the roles present; multi-vector
@@ -474,9 +493,11 @@ class EmbeddingModel(nn.Module):
             lead: tuple[int, ...] = ()
             if self.sequence_inputs:
                 mm, grid = batch.get(f"{role}_mm_token_type_ids"), batch.get(f"{role}_image_grid_thw")
+                content = batch.get(f"{role}_content_mask")
                 if role == "negative":
-                    ids, mask, mm, lead = _flatten_negative_sequences(ids, mask, mm)
-                encoded = self._finalize(self._sequence(ids, mask, mm, pixels, grid, prefix=f"{role}_"), None)
+                    ids, mask, mm, content, lead = _flatten_negative_sequences(ids, mask, mm, content)
+                encoded = self._sequence(ids, mask, mm, pixels, grid, prefix=f"{role}_", content_mask=content)
+                encoded = self._finalize(encoded, None)
             else:
                 if role == "negative":
                     ids, mask, pixels, lead = _flatten_negatives(ids, mask, pixels)
@@ -513,16 +534,58 @@ def _preprocessing_choices(cfg: VEmbedConfig, saved: Mapping[str, Any]) -> dict[
     return {**saved, **{key: cfg[key] for key in PREPROCESSING_CONFIG_KEYS if cfg[key] is not None}}
 
 
-def _flatten_negative_sequences(
-    ids: torch.Tensor | None, mask: torch.Tensor | None, mm: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
-    """VLM negatives ``[B, K, L]`` -> ``[B*K, L]`` (their flat patches are already in item order)."""
+def _flatten_negative_sequences(*rows: torch.Tensor | None) -> tuple[Any, ...]:
+    """VLM negatives ``[B, K, L]`` (ids, then masks and token types) -> ``[B*K, L]`` each, plus the ``(B, K)``
+    to restore (their flat patches are already in item order)."""
+    ids = rows[0]
     if ids is None or ids.dim() != 3:
         shape = None if ids is None else tuple(ids.shape)
         raise ValueError(f"negative_input_ids must be [batch, negatives, tokens] for a vlm model, got {shape}")
     lead = tuple(ids.shape[:2])
-    flat = [t.reshape(-1, t.shape[-1]) if t is not None else None for t in (ids, mask, mm)]
-    return flat[0], flat[1], flat[2], lead
+    return (*(t.reshape(-1, t.shape[-1]) if t is not None else None for t in rows), lead)
+
+
+def _resolve_vector_tokens(vector_tokens: str, encoder: EncoderFamily) -> str | None:
+    """The tokens a model's multi-vector items keep (None when single-vector); see :class:`EmbeddingModel`."""
+    multi = all(method == "none" for method in encoder.pooling.values())
+    sequence = bool(getattr(encoder, "sequence_inputs", False))
+    if vector_tokens not in ("auto", *VECTOR_TOKENS):
+        raise ValueError(f"vector_tokens={vector_tokens!r} is not one of auto, {', '.join(VECTOR_TOKENS)}")
+    if not multi:
+        if vector_tokens != "auto":
+            raise ValueError(
+                f"vector_tokens={vector_tokens} applies to multi-vector models only (pooling_method: none); this "
+                f"{encoder.name} model pools {dict(encoder.pooling)}"
+            )
+        return None
+    if vector_tokens == "content" and not sequence:
+        raise ValueError(
+            f"vector_tokens=content keeps a vision-language model's text and image tokens without its chat template; "
+            f"this is a {encoder.name} model: use vector_tokens: non_padding"
+        )
+    if vector_tokens == "auto":
+        return "content" if sequence else "non_padding"
+    return vector_tokens
+
+
+def _content_tokens(content_mask: torch.Tensor | None, attention_mask: torch.Tensor, prefix: str) -> torch.Tensor:
+    """The checked content-token mask ``[B, L]`` (long) of a ``vector_tokens: content`` batch."""
+    if content_mask is None:
+        raise ValueError(
+            f"{prefix}content_mask is missing: this multi-vector vlm model keeps only each item's content tokens "
+            "(vector_tokens: content); build the batch with the model's preprocessing (process_conversations), "
+            "which returns content_mask beside input_ids"
+        )
+    if tuple(content_mask.shape) != tuple(attention_mask.shape):
+        raise ValueError(
+            f"{prefix}content_mask shape {tuple(content_mask.shape)} differs from {prefix}input_ids "
+            f"{tuple(attention_mask.shape)}"
+        )
+    keep = content_mask.to(attention_mask.device).bool() & attention_mask.bool()
+    empty = (~keep.any(dim=1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"{prefix}content_mask marks no token of item(s) {empty[:5].tolist()}; each needs >= 1")
+    return keep.long()
 
 
 def _flatten_negatives(

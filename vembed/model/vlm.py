@@ -5,7 +5,8 @@ followed by a text) is one chat-template sequence in which each image is a run o
 model fills with its vision tower's features. The batch format (built by preprocessing, see the VLM contract):
 
 * ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` int64 ``[B, L]`` (``mm_token_type_ids`` is 1 on image
-  tokens, 0 elsewhere; left or right padding),
+  tokens, 0 elsewhere; left or right padding), and ``content_mask`` ``[B, L]`` (1 on each item's text and image
+  tokens: the vectors of a multi-vector model with ``vector_tokens: content``, ColQwen-style),
 * ``pixel_values`` float ``[sum_i P_i, C]``: the flat patches of every image of the batch in item order, and
   ``image_grid_thw`` int64 ``[N_images, 3]`` (both absent when no item has an image).
 
@@ -39,7 +40,14 @@ TEXT_LORA_PATTERN = r"(.*\.)?language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_
 VISION_LORA_PATTERN = r"(.*\.)?visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))"
 
 #: the batch keys of one role, beside ``input_ids`` / ``attention_mask``
-SEQUENCE_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+SEQUENCE_KEYS: tuple[str, ...] = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "content_mask",
+    "pixel_values",
+    "image_grid_thw",
+)
 
 
 def text_config_of(config: PretrainedConfig) -> PretrainedConfig:
