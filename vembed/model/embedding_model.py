@@ -11,6 +11,10 @@ Multimodal queries (``encode`` with both text and image, e.g. the m2i retrieval 
 L2-normalised text and image embeddings, then finalised (so with ``normalize=True`` the result is the normalised
 mean direction of the two). Multi-vector fusion concatenates the text and image tokens (and their masks).
 
+A model trained with a loss that learns its logit scale (and SigLIP's bias) holds them as ``logit_parameters`` (a
+:class:`~vembed.losses.scale.LogitParameters`, attached by ``build_model(config)``, saved and loaded with the model, as
+open_clip's CLIP holds ``logit_scale``); :meth:`EmbeddingModel.forward` adds them to its outputs for the loss.
+
 Under FSDP2, call the model itself (``forward``) rather than ``encode_*``: FSDP's hooks run around ``forward``.
 """
 
@@ -25,11 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vembed.config import VEmbedConfig, as_config, load_base_config
+from vembed.losses.scale import LogitParameters
 from vembed.model.checkpoint import (
     ModelSpec,
     is_vembed_checkpoint,
     load_family,
     load_heads,
+    load_logit_parameters,
     read_spec,
     save_model,
 )
@@ -58,6 +64,7 @@ class EmbeddingModel(nn.Module):
         mrl_dims: Matryoshka dims the model is trained for (each must be <= the embedding dim).
         pooling_method: the configured pooling (``auto`` or a method); the family holds the resolved one.
         heads: pre-built heads (loading a checkpoint); default builds fresh ones from ``projection_dim``.
+        logit_parameters: the training loss's learnable scale / bias (see the module docstring); None: none.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class EmbeddingModel(nn.Module):
         mrl_dims: Sequence[int] = (),
         pooling_method: str = "auto",
         heads: nn.ModuleDict | None = None,
+        logit_parameters: LogitParameters | None = None,
     ):
         super().__init__()
         self.encoder = encoder
@@ -99,6 +107,8 @@ class EmbeddingModel(nn.Module):
                 f"mrl_dims {bad} are outside 1..{self.embedding_dim} (the model's embedding dim); "
                 "use Matryoshka dims no larger than the embedding"
             )
+        #: the loss's learnable logit scale / bias (registered last: after the encoder's and heads' parameters)
+        self.logit_parameters = logit_parameters
 
     # ---------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -198,6 +208,7 @@ class EmbeddingModel(nn.Module):
             mrl_dims=mrl_dims,
             pooling_method=pooling_method,
             heads=heads,
+            logit_parameters=load_logit_parameters(directory, spec),
         )
         model.preprocessing = dict(spec.preprocessing)
         return model
@@ -255,6 +266,7 @@ class EmbeddingModel(nn.Module):
             heads=head_shapes(self.heads),
             family_info=self.encoder.describe(),
             vector_tokens=self.vector_tokens,
+            logit_parameters=list(self.logit_parameters.names) if self.logit_parameters is not None else [],
         )
 
     # -------------------------------------------------------------------------------------------- model switches
@@ -462,6 +474,7 @@ class EmbeddingModel(nn.Module):
         Returns:
             ``{"query": [B, D], "positive": [B, D], "negatives": [B, K, D]}`` for the roles present; multi-vector
             models return ``[B, L, D]`` / ``[B, K, L, D]`` plus ``query_mask``, ``positive_mask``, ``negative_mask``.
+            A model holding ``logit_parameters`` adds them: ``logit_scale`` (and ``logit_bias``), 0-dim.
 
         Raises:
             ValueError: no role present, or a role's tensors have the wrong number of axes.
@@ -488,6 +501,8 @@ class EmbeddingModel(nn.Module):
         if not out:
             expected = ", ".join(f"{r}_input_ids/{r}_pixel_values" for r in ROLES)
             raise ValueError(f"the batch has no inputs for any role; expected some of {expected}; got {sorted(batch)}")
+        if self.logit_parameters is not None:
+            out.update(self.logit_parameters())  # inside forward: DDP and FSDP2 see them used
         return out
 
     def extra_repr(self) -> str:
