@@ -174,6 +174,40 @@ def front_end_models(request, tmp_path_factory) -> dict:
     return models
 
 
+def _references(family: str, request, image_files=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The plain-transformers vectors of ``TEXTS`` (and of ``image_files`` for an image-text family), each alone."""
+    model_dir = request.getfixturevalue(FAMILIES[family][0])
+    text_ref = np.stack([_text_alone(family, model_dir, t) for t in TEXTS])
+    if image_files is None or FAMILIES[family][2] != "t2i":
+        return text_ref, None
+    images = [Image.open(p).convert("RGB") for p in image_files]
+    return text_ref, np.stack([_image_alone(family, model_dir, im) for im in images])
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("family", list(FRONT_END_FAMILIES))
+def test_ray_batch_job_gives_each_input_its_own_vector(family, ray_local, front_end_models, request, tmp_path):
+    """One real job (Ray Data, a model actor, Parquet shards). With ``batch_size=3`` the job's blocks are multiples
+    of 3 rows (``block_rows``), so the three texts go through the model together (mixed lengths) and the fourth
+    row, the shortest text again, alone."""
+    from vembed.batch import embed_corpus, read_embeddings
+
+    text_ref, _ = _references(family, request)
+    rows = [*TEXTS, TEXTS[2]]
+    manifest = tmp_path / "texts.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(rows)))
+    summary = embed_corpus(
+        str(front_end_models[family]), str(manifest), str(tmp_path / "out"), modality="text",
+        source_column="text", batch_size=3, shard_size=8, num_actors=1,
+    )  # fmt: skip
+    assert summary["embedded"] == len(rows) and summary["errors"] == 0
+    table = read_embeddings(str(tmp_path / "out"))
+    got = dict(zip(table.column("id").to_pylist(), np.array(table.column("embedding").to_pylist()), strict=True))
+    expected = [*text_ref, text_ref[2]]
+    for i in range(len(rows)):
+        np.testing.assert_allclose(got[f"t{i}"], expected[i], atol=ATOL, err_msg=f"batch job, row {i}")
+
+
 @pytest.fixture(scope="module")
 def serve_url(ray_local, front_end_models):
     """ONE Serve start (HTTP on 127.0.0.1) with one application per family, deployed together."""
@@ -199,16 +233,6 @@ def serve_url(ray_local, front_end_models):
     serve.shutdown()
 
 
-def _references(family: str, request, image_files=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The plain-transformers vectors of ``TEXTS`` (and of ``image_files`` for an image-text family), each alone."""
-    model_dir = request.getfixturevalue(FAMILIES[family][0])
-    text_ref = np.stack([_text_alone(family, model_dir, t) for t in TEXTS])
-    if image_files is None or FAMILIES[family][2] != "t2i":
-        return text_ref, None
-    images = [Image.open(p).convert("RGB") for p in image_files]
-    return text_ref, np.stack([_image_alone(family, model_dir, im) for im in images])
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize("family", list(FRONT_END_FAMILIES))
 def test_serve_over_http_gives_each_input_its_own_vector(family, serve_url, request, image_files):
@@ -228,27 +252,3 @@ def test_serve_over_http_gives_each_input_its_own_vector(family, serve_url, requ
             items = [{"type": "image", "image": base64.b64encode(p.read_bytes()).decode()} for p in image_files]
             np.testing.assert_allclose(embed(items), image_ref, atol=ATOL, err_msg="Serve, images together")
             np.testing.assert_allclose(embed(items[:1])[0], image_ref[0], atol=ATOL, err_msg="Serve, image alone")
-
-
-@pytest.mark.ray
-@pytest.mark.parametrize("family", list(FRONT_END_FAMILIES))
-def test_ray_batch_job_gives_each_input_its_own_vector(family, ray_local, front_end_models, request, tmp_path):
-    """One real job (Ray Data, a model actor, Parquet shards). With ``batch_size=3`` the job's blocks are multiples
-    of 3 rows (``block_rows``), so the three texts go through the model together (mixed lengths) and the fourth
-    row, the shortest text again, alone."""
-    from vembed.batch import embed_corpus, read_embeddings
-
-    text_ref, _ = _references(family, request)
-    rows = [*TEXTS, TEXTS[2]]
-    manifest = tmp_path / "texts.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(rows)))
-    summary = embed_corpus(
-        str(front_end_models[family]), str(manifest), str(tmp_path / "out"), modality="text",
-        source_column="text", batch_size=3, shard_size=8, num_actors=1,
-    )  # fmt: skip
-    assert summary["embedded"] == len(rows) and summary["errors"] == 0
-    table = read_embeddings(str(tmp_path / "out"))
-    got = dict(zip(table.column("id").to_pylist(), np.array(table.column("embedding").to_pylist()), strict=True))
-    expected = [*text_ref, text_ref[2]]
-    for i in range(len(rows)):
-        np.testing.assert_allclose(got[f"t{i}"], expected[i], atol=ATOL, err_msg=f"batch job, row {i}")
