@@ -182,3 +182,32 @@ def test_grad_cache_under_ddp_with_gather_equals_single_process(tmp_path):
         assert result["reductions"] == 1  # no_sync on all chunks but the last: one all-reduce per step
         for name, grad in expected.items():
             torch.testing.assert_close(result["grads"][name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_grad_cache_trains_the_loss_parameters_a_model_holds():
+    """A model built by build_model returns its loss's logit scale and bias (0-dim, once per batch) beside the
+    per-example embeddings: GradCache gives them, and every other parameter, the full batch's gradient."""
+    from vembed.losses import SigmoidLoss
+    from vembed.losses.scale import LogitParameters
+
+    class Holding(DualEncoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.logit_parameters = LogitParameters(0.2, bias=-1.0)
+
+        def forward(self, **batch) -> dict[str, torch.Tensor]:
+            return {**super().forward(**batch), **self.logit_parameters()}
+
+    batch = make_batch()
+    model, loss_fn = Holding().eval(), SigmoidLoss()
+    expected_loss = loss_fn(model(**batch), batch)
+    expected_loss.backward()
+    expected = grads_of(model)
+    assert "0.logit_parameters.logit_bias" in expected and "0.logit_parameters.logit_scale.log_scale" in expected
+    model.zero_grad()
+
+    loss = GradCache(model, loss_fn, chunk_size=3).step(batch)
+    torch.testing.assert_close(loss, expected_loss.detach(), atol=1e-5, rtol=0)
+    for name, grad in grads_of(model).items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=0, msg=name)
+    assert all(p.grad is None for p in loss_fn.parameters())

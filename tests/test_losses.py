@@ -116,6 +116,85 @@ def test_fixed_temperature_has_no_parameters():
     assert list(InfoNCELoss(temperature=0.05).parameters()) == []
 
 
+def test_learnable_parameters_held_by_the_model_replace_the_losss_own():
+    """A model built by build_model holds the loss's scale / bias and returns them in its outputs (open_clip's
+    layout): the loss computes with those, in both call forms, and its own copies get no gradient."""
+    q, p = unit(B, D, seed=0), unit(B, D, seed=1)
+    labels = torch.tensor([1, 1, 0, 2, 0])
+    loss = SigmoidLoss(init_scale=10.0, init_bias=-3.0).double()
+    scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
+    value = loss({"query": q, "positive": p, "logit_scale": scale, "logit_bias": bias}, {"labels": labels})
+    pos_sets = ref_positive_sets(B, B, labels)
+    expected = sum(
+        -math.log(1 / (1 + math.exp(-(1.0 if j in pos_sets[i] else -1.0) * (4.0 * dot(q[i], c) - 1.5))))
+        for i in range(B)
+        for j, c in enumerate(ref_candidates(p, None))
+    )
+    assert value.item() == pytest.approx(expected / B, rel=1e-9)
+    assert loss(q, p, labels=labels, logit_scale=scale, logit_bias=bias).item() == pytest.approx(value.item())
+    value.backward()
+    assert scale.grad is not None and bias.grad is not None
+    assert all(param.grad is None for param in loss.parameters())
+    assert {id(t) for t in loss.own_logit_parameters()} == {id(t) for t in loss.parameters()}
+
+    infonce = InfoNCELoss(temperature=0.5, learnable_temperature=True).double()
+    got = infonce({"query": q, "positive": p, "logit_scale": torch.tensor(1 / 0.2, dtype=torch.float64)}, {})
+    assert got.item() == pytest.approx(ref_infonce(q, p, temperature=0.2), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "loss, given, message",
+    [
+        (InfoNCELoss(learnable_temperature=True), ("logit_scale", "logit_bias"), "built for another loss"),
+        (SigmoidLoss(), ("logit_scale",), "built for another loss"),
+        (TripletLoss(), ("logit_scale",), "reads no learnable parameters"),
+        (MatryoshkaLoss(SigmoidLoss(), [4]), ("logit_scale",), "built for another loss"),
+    ],
+)
+def test_learnable_parameters_of_another_loss_are_refused(loss, given, message):
+    outputs = {"query": unit(B, D, seed=0).float(), "positive": unit(B, D, seed=1).float()}
+    outputs.update({k: torch.tensor(1.0) for k in given})
+    with pytest.raises(ValueError, match=message):
+        loss(outputs, {})
+
+
+def test_a_non_positive_model_scale_is_refused():
+    q, p = unit(B, D, seed=0).float(), unit(B, D, seed=1).float()
+    with pytest.raises(ValueError, match="'logit_scale' is 0; it must be finite"):
+        InfoNCELoss()(q, p, logit_scale=torch.tensor(0.0))
+    with pytest.raises(ValueError, match="1-element floating-point tensor"):
+        InfoNCELoss()(q, p, logit_scale=torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "settings, names",
+    [
+        ({"loss_type": "infonce"}, None),
+        ({"loss_type": "infonce", "learnable_temperature": True, "temperature": 0.2}, ("logit_scale",)),
+        ({"loss_type": "maxsim", "learnable_temperature": True}, ("logit_scale",)),
+        ({"loss_type": "hard_mining", "learnable_temperature": True}, ("logit_scale",)),
+        ({"loss_type": "distillation", "learnable_temperature": True}, ("logit_scale",)),
+        ({"loss_type": "distillation", "learnable_temperature": True, "distill_alpha": 1.0}, None),
+        ({"loss_type": "sigmoid", "sigmoid_init_scale": 5.0, "sigmoid_init_bias": -2.0}, ("logit_scale", "logit_bias")),
+        ({"loss_type": "triplet", "learnable_temperature": True}, None),
+    ],
+)
+def test_each_loss_names_the_parameters_its_model_holds(settings, names):
+    from vembed.config import as_config
+    from vembed.losses import get_loss_class
+
+    cfg = as_config(settings)
+    held = get_loss_class(cfg.loss_type).logit_parameters(cfg)
+    assert (None if held is None else held.names) == names
+    if held is not None:  # the start values are the config's
+        values = held()
+        start = 1 / cfg.temperature if cfg.loss_type != "sigmoid" else cfg.sigmoid_init_scale
+        assert values["logit_scale"].item() == pytest.approx(start, rel=1e-6)
+        if "logit_bias" in names:
+            assert values["logit_bias"].item() == pytest.approx(cfg.sigmoid_init_bias)
+
+
 # ---------------------------------------------------------------- SigLIP
 
 

@@ -388,3 +388,63 @@ def test_compile_model_only_when_configured(tiny_bert_dir):
     compiled = compile_model(model, {"torch_compile": True})
     assert compiled is model and model._compiled_call_impl is not None
     assert set(compiled.state_dict()) == set(EmbeddingModel.from_pretrained(tiny_bert_dir).state_dict())
+
+
+# ------------------------------------------------------------------------------- the loss's parameters the model holds
+
+
+def test_build_model_holds_the_losss_learnable_parameters_and_saves_them(tiny_bert_dir, tmp_path):
+    """Issue 16 item 7: the loss's learnable scale and bias live in the model (open_clip's layout), built from the
+    config's loss settings, returned by forward, in build_optimizer's no-decay group, saved and loaded with it."""
+    from vembed.training.optimizer_builder import build_optimizer
+
+    config = {"model_name": str(tiny_bert_dir), "loss_type": "sigmoid", "sigmoid_init_scale": 5.0}
+    assert build_model({"model_name": str(tiny_bert_dir)}).logit_parameters is None  # a fixed temperature: none
+    model = build_model(config)
+    held = model.logit_parameters
+    assert held.names == ("logit_scale", "logit_bias")
+    pre = Preprocessor.from_pretrained(tiny_bert_dir)
+    batch = {f"{role}_{k}": torch.from_numpy(v) for role in ("query", "positive")
+             for k, v in pre.process_texts(TEXTS).items()}  # fmt: skip
+    out = model(**batch)
+    assert out["logit_scale"].item() == pytest.approx(5.0) and out["logit_bias"].item() == -10.0
+    assert out["logit_scale"].requires_grad and out["logit_bias"].requires_grad
+
+    optimizer = build_optimizer(model, {**config, "weight_decay": 0.1})
+    (no_decay,) = [g for g in optimizer.param_groups if g["weight_decay"] == 0.0]
+    assert {id(p) for p in held.parameters()} <= {id(p) for p in no_decay["params"]}
+
+    with torch.no_grad():
+        held.logit_scale.log_scale.fill_(1.25)
+        held.logit_bias.fill_(-3.5)
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "vembed.json").read_text())["logit_parameters"] == list(held.names)
+    loaded = EmbeddingModel.from_pretrained(tmp_path / "saved")
+    assert loaded.logit_parameters.logit_scale.log_scale.item() == 1.25
+    assert loaded.logit_parameters.logit_bias.item() == -3.5
+    again = build_model({**config, "model_name": str(tmp_path / "saved")})  # fine-tuning on: the learned values
+    assert again.logit_parameters.logit_bias.item() == -3.5
+    other = build_model({"model_name": str(tmp_path / "saved"), "learnable_temperature": True, "temperature": 0.2})
+    assert other.logit_parameters.names == ("logit_scale",)  # another loss: fresh from its config
+    assert other.logit_parameters.logit_scale().item() == pytest.approx(5.0)
+
+    (tmp_path / "saved" / "logit_parameters.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="logit_parameters.safetensors is missing"):
+        EmbeddingModel.from_pretrained(tmp_path / "saved")
+    spec = json.loads((tmp_path / "saved" / "vembed.json").read_text())
+    del spec["logit_parameters"]  # a checkpoint written before the model held them
+    (tmp_path / "saved" / "vembed.json").write_text(json.dumps(spec))
+    assert EmbeddingModel.from_pretrained(tmp_path / "saved").logit_parameters is None
+    assert build_model({**config, "model_name": str(tmp_path / "saved")}).logit_parameters.logit_bias.item() == -10.0
+
+
+def test_resume_state_from_before_the_model_held_the_loss_parameters_is_refused_clearly(tiny_bert_dir, tmp_path):
+    from vembed.training.checkpointing import TrainingProgress, load_training_state, save_training_state
+    from vembed.training.optimizer_builder import build_optimizer
+
+    old = build_model({"model_name": str(tiny_bert_dir)})
+    save_training_state(tmp_path, old, build_optimizer(old, {}), None, TrainingProgress())
+    config = {"model_name": str(tiny_bert_dir), "learnable_temperature": True}
+    new = build_model(config)
+    with pytest.raises(ValueError, match="written by an older vembed, whose loss .* held the learnable temperature"):
+        load_training_state(tmp_path, new, build_optimizer(new, config), None)

@@ -1,16 +1,22 @@
 """One input, one vector (issue 16): for every family, the training forward (the Ray Data task's preprocessing and
 the worker's collate), the Predictor and batch embedding's decode + embed steps give each input the vector that
-plain transformers gives it ALONE, whatever else is in the batch (mixed lengths). Serve runs the Predictor's own
-encode_* on batches of concurrent requests (tests/test_serving.py, tests/test_vlm_serving.py check Serve and the
-Ray Data job end to end against the Predictor), so batch-independence here carries over to them.
+plain transformers gives it ALONE, whatever else is in the batch (mixed lengths).
+
+The real front ends too, for SigLIP, BERT (mean and cls) and Qwen3-Embedding: one Serve instance on real HTTP
+serving the four models (one application each), and one real Ray batch-embedding job per model in the session's
+Ray. CLIP's and the VLM's are in tests/test_serving.py, tests/test_batch_embed.py and tests/test_vlm_serving.py.
 
 The references are written out per family with AutoModel + AutoTokenizer + AutoImageProcessor, one input at a time.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
+import socket
 
+import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -25,8 +31,6 @@ from vembed.data.pipeline import PickledPreprocessor, collate_train_batch, prepr
 from vembed.data.processing import Preprocessor
 from vembed.inference import VEmbedFactoryPredictor
 from vembed.model import EmbeddingModel
-
-pytestmark = pytest.mark.unit
 
 ATOL = 1e-5
 TEXTS = [
@@ -102,6 +106,7 @@ def image_files(tmp_path_factory) -> list:
     return paths
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_path_gives_each_input_its_own_vector(family, request, image_files):
     fixture, pooling, mode = FAMILIES[family]
@@ -145,3 +150,105 @@ def test_every_path_gives_each_input_its_own_vector(family, request, image_files
         decoded = Decoder(str(model_dir))({"position": position, "id": position.astype(str), "source": sources})
         got = Embedder(str(model_dir), "image", "float32", None, False)(decoded)["embedding"]
         np.testing.assert_allclose(got, image_ref, atol=ATOL, err_msg="batch embedding images")
+
+
+# ---------------------------------------------------------------------------------- real Serve and real batch jobs
+
+#: family -> the pooling its served / batch-embedded model records (a vembed checkpoint of the same weights), or
+#: None for the raw Hugging Face directory
+FRONT_END_FAMILIES = {"siglip": None, "bert_mean": "mean", "bert_cls": "cls", "qwen3": None}
+
+
+@pytest.fixture(scope="module")
+def front_end_models(request, tmp_path_factory) -> dict:
+    """The directory the front ends load per family: the fixture's own, or a vembed save recording the pooling."""
+    root = tmp_path_factory.mktemp("parity_front_end_models")
+    models = {}
+    for family, pooling in FRONT_END_FAMILIES.items():
+        source = request.getfixturevalue(FAMILIES[family][0])
+        if pooling is None:
+            models[family] = source
+        else:
+            model = EmbeddingModel.from_config({"model_name": str(source), "pooling_method": pooling})
+            models[family] = model.save_pretrained(root / family)
+    return models
+
+
+def _references(family: str, request, image_files=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The plain-transformers vectors of ``TEXTS`` (and of ``image_files`` for an image-text family), each alone."""
+    model_dir = request.getfixturevalue(FAMILIES[family][0])
+    text_ref = np.stack([_text_alone(family, model_dir, t) for t in TEXTS])
+    if image_files is None or FAMILIES[family][2] != "t2i":
+        return text_ref, None
+    images = [Image.open(p).convert("RGB") for p in image_files]
+    return text_ref, np.stack([_image_alone(family, model_dir, im) for im in images])
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("family", list(FRONT_END_FAMILIES))
+def test_ray_batch_job_gives_each_input_its_own_vector(family, ray_local, front_end_models, request, tmp_path):
+    """One real job (Ray Data, a model actor, Parquet shards). With ``batch_size=3`` the job's blocks are multiples
+    of 3 rows (``block_rows``), so the three texts go through the model together (mixed lengths) and the fourth
+    row, the shortest text again, alone."""
+    from vembed.batch import embed_corpus, read_embeddings
+
+    text_ref, _ = _references(family, request)
+    rows = [*TEXTS, TEXTS[2]]
+    manifest = tmp_path / "texts.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(rows)))
+    summary = embed_corpus(
+        str(front_end_models[family]), str(manifest), str(tmp_path / "out"), modality="text",
+        source_column="text", batch_size=3, shard_size=8, num_actors=1,
+    )  # fmt: skip
+    assert summary["embedded"] == len(rows) and summary["errors"] == 0
+    table = read_embeddings(str(tmp_path / "out"))
+    got = dict(zip(table.column("id").to_pylist(), np.array(table.column("embedding").to_pylist()), strict=True))
+    expected = [*text_ref, text_ref[2]]
+    for i in range(len(rows)):
+        np.testing.assert_allclose(got[f"t{i}"], expected[i], atol=ATOL, err_msg=f"batch job, row {i}")
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_local, front_end_models):
+    """ONE Serve start (HTTP on 127.0.0.1) with one application per family, deployed together."""
+    from ray import serve
+
+    from vembed.serving.app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = {"max_batch_size": 8, "batch_wait_ms": 20, "num_cpus": 0.25, "request_timeout_s": 120}
+    targets = [
+        serve.RunTarget(
+            target=build_app({"model": str(path), "model_name": family, **settings}),
+            name=f"parity-{family}",
+            route_prefix=f"/{family}",
+        )
+        for family, path in front_end_models.items()
+    ]
+    serve.run_many(targets)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("family", list(FRONT_END_FAMILIES))
+def test_serve_over_http_gives_each_input_its_own_vector(family, serve_url, request, image_files):
+    text_ref, image_ref = _references(family, request, image_files)
+    with httpx.Client(base_url=f"{serve_url}/{family}", timeout=180) as http:
+
+        def embed(items: list) -> np.ndarray:
+            body = {"model": family, "input": items, "encoding_format": "float"}
+            response = http.post("/v1/embeddings", json=body)
+            assert response.status_code == 200, response.text
+            return np.array([row["embedding"] for row in response.json()["data"]])
+
+        np.testing.assert_allclose(embed(TEXTS), text_ref, atol=ATOL, err_msg="Serve, mixed-length batch")
+        for i, text in enumerate(TEXTS):
+            np.testing.assert_allclose(embed([text])[0], text_ref[i], atol=ATOL, err_msg="Serve, alone")
+        if image_ref is not None:
+            items = [{"type": "image", "image": base64.b64encode(p.read_bytes()).decode()} for p in image_files]
+            np.testing.assert_allclose(embed(items), image_ref, atol=ATOL, err_msg="Serve, images together")
+            np.testing.assert_allclose(embed(items[:1])[0], image_ref[0], atol=ATOL, err_msg="Serve, image alone")

@@ -139,7 +139,7 @@ def _guide_custom_loop(config_path, monkeypatch):
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     model.train()
-    losses = []
+    losses, seen = [], []
     for _epoch in range(config["epochs"]):
         for batch in dataloader:
             outputs = model(**batch)
@@ -148,8 +148,9 @@ def _guide_custom_loop(config_path, monkeypatch):
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
+            seen.append(batch)  # for a reference that replays the shuffled batches
     after = [p.detach() for p in model.parameters() if p.requires_grad]
-    return losses, before, after
+    return losses, before, after, model, seen
 
 
 def test_section3_custom_training_loop_with_accelerate(tiny_clip_dir, data, tmp_path, monkeypatch):
@@ -157,7 +158,7 @@ def test_section3_custom_training_loop_with_accelerate(tiny_clip_dir, data, tmp_
     cfg.write_text(
         f"model_name: {tiny_clip_dir}\ndata_path: {data['train']}\nbatch_size: 8\nepochs: 2\nlearning_rate: 1.0e-3\n"
     )
-    losses, before, after = _guide_custom_loop(cfg, monkeypatch)
+    losses, before, after, _, _ = _guide_custom_loop(cfg, monkeypatch)
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
@@ -316,8 +317,9 @@ def test_advanced_configuration_with_lora_learns_vlm_retrieval(ray_local, tiny_q
 
 def test_section3_trainer_trains_the_losss_own_parameters(tiny_siglip_dir, data, tmp_path):
     """The guide's "Trainer Class" snippet with ``build_optimizer(model, config)`` (the loss is built after the
-    optimizer and never passed to it) must still train SigLIP's logit scale and bias, on the model's device.
-    Independent reference: a hand-written single-process loop with one AdamW over model and loss parameters."""
+    optimizer and never passed to it) must still train SigLIP's logit scale and bias, on the model's device. The
+    model holds them (``model.logit_parameters``, as open_clip's CLIP does). Reference: a hand-written
+    single-process loop with one AdamW over model and loss parameters."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
@@ -345,11 +347,12 @@ def test_section3_trainer_trains_the_losss_own_parameters(tiny_siglip_dir, data,
     model = build_model(config)
     optimizer = build_optimizer(model, config)
     criterion = LossFactory.create(config)
-    initial = (criterion.logit_scale.log_scale.item(), criterion.logit_bias.item())
+    held = model.logit_parameters
+    initial = (held.logit_scale.log_scale.item(), held.logit_bias.item())
     scheduler, _ = build_scheduler(optimizer, config, 1, len(batches))
     Trainer(model, optimizer, batches, criterion, accelerator=Accelerator(cpu=True), config=config,
             scheduler=scheduler).train()  # fmt: skip
-    trained = (criterion.logit_scale.log_scale.item(), criterion.logit_bias.item())
+    trained = (held.logit_scale.log_scale.item(), held.logit_bias.item())
 
     # the reference: plain PyTorch
     torch.manual_seed(0)
@@ -366,7 +369,99 @@ def test_section3_trainer_trains_the_losss_own_parameters(tiny_siglip_dir, data,
         ref_opt.step()
         ref_sched.step()
         ref_opt.zero_grad()
-    expected = (ref_loss.logit_scale.log_scale.item(), ref_loss.logit_bias.item())
+    ref_held = ref_model.logit_parameters
+    expected = (ref_held.logit_scale.log_scale.item(), ref_held.logit_bias.item())
 
     assert abs(trained[0] - initial[0]) > 1e-3 and abs(trained[1] - initial[1]) > 1e-3
     assert trained == pytest.approx(expected, abs=1e-5)
+
+
+GUIDE_LOOP_EPOCHS = 3
+#: the learnable temperature starts 1% inside its floor (scale 1/99 vs the clamp's 1/100): the first step crosses it
+START_TEMPERATURE = 99.0
+
+
+def _reference_logit_training(model_dir, batches, loss_type, lr, weight_decay, temperature):
+    """Independent reference for the guide's loop: plain AdamW steps on its batches, with the loss written out
+    by hand over a scale and bias that are plain leaf tensors (open_clip's recipe: clamp ``log_scale`` to
+    [log 0.01, log 100] after each step; no decay on scale and bias). Returns per step the unclamped and the
+    clamped ``log_scale``, and the final bias (None without one)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from vembed.model import EmbeddingModel
+    from vembed.training.optimizer_builder import parameter_groups
+
+    model = EmbeddingModel.from_pretrained(str(model_dir)).train()
+    sigmoid = loss_type == "sigmoid"
+    log_scale = torch.tensor(math.log(10.0 if sigmoid else 1.0 / temperature), requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True) if sigmoid else None
+    own = [log_scale] + ([bias] if sigmoid else [])
+    groups = [*parameter_groups([model], weight_decay), {"params": own, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    history = []
+    for batch in batches:
+        out = model(**batch)
+        q, p = out["query"], out["positive"]
+        logits = log_scale.exp() * q @ p.T
+        same = (batch["labels"][:, None] == batch["labels"][None, :]).float()  # same label: positives
+        if sigmoid:  # Zhai et al.: every pair a binary decision, summed per query, mean over queries
+            loss = -F.logsigmoid((2 * same - 1) * (logits + bias)).sum() / len(q)
+        else:  # both directions, each row averaging over its positives (Khosla et al.'s L_out)
+            rows = [-(torch.log_softmax(x, dim=-1) * same).sum(-1) / same.sum(-1) for x in (logits, logits.T)]
+            loss = (rows[0].mean() + rows[1].mean()) / 2
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        raw = log_scale.item()
+        with torch.no_grad():
+            log_scale.clamp_(math.log(1e-2), math.log(100.0))
+        history.append((raw, log_scale.item()))
+    return history, None if bias is None else bias.item()
+
+
+@pytest.mark.parametrize(
+    "family, loss_settings",
+    [
+        ("tiny_siglip_dir", "loss_type: sigmoid\n"),
+        ("tiny_clip_dir", f"loss_type: infonce\nlearnable_temperature: true\ntemperature: {START_TEMPERATURE}\n"),
+    ],
+    ids=["siglip", "infonce-learnable"],
+)
+def test_section3_custom_loop_trains_the_losss_parameters(family, loss_settings, request, data, tmp_path, monkeypatch):
+    """Issue 16 item 7 for the guide's custom loop as written: ``build_optimizer(model, config)`` before
+    ``LossFactory.create(config)``, accelerate, ``criterion(outputs, batch)``, no vembed Trainer. The model holds
+    SigLIP's scale and bias / the learnable temperature, so the loop trains them, without weight decay, and the
+    scale is clamped after each step (InfoNCE starts 1% inside the clamp's range, so a step leaves it). Against
+    the hand-written reference above, whose leaving the range is checked too."""
+    import math
+
+    from vembed.losses.scale import MAX_SCALE, MIN_SCALE
+
+    model_dir = request.getfixturevalue(family)
+    lr, weight_decay = 0.05, 0.1
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        f"model_name: {model_dir}\ndata_path: {data['train']}\nbatch_size: 32\nepochs: {GUIDE_LOOP_EPOCHS}\n"
+        f"learning_rate: {lr}\nweight_decay: {weight_decay}\n{loss_settings}"
+    )
+    losses, _, _, model, batches = _guide_custom_loop(cfg, monkeypatch)
+    assert len(losses) == GUIDE_LOOP_EPOCHS and all(np.isfinite(losses))
+
+    sigmoid = "sigmoid" in loss_settings
+    history, expected_bias = _reference_logit_training(
+        model_dir, batches, "sigmoid" if sigmoid else "infonce", lr, weight_decay, temperature=START_TEMPERATURE
+    )
+    held = model.logit_parameters
+    got_scale = held.logit_scale.log_scale.item()
+    start = math.log(10.0) if sigmoid else math.log(1 / START_TEMPERATURE)
+    assert abs(got_scale - start) > 1e-3  # trained
+    assert got_scale == pytest.approx(history[-1][1], abs=1e-5)
+    bounds = (math.log(MIN_SCALE), math.log(MAX_SCALE))
+    assert bounds[0] - 1e-7 <= got_scale <= bounds[1] + 1e-7
+    if sigmoid:
+        assert abs(held.logit_bias.item() + 10.0) > 1e-3
+        assert held.logit_bias.item() == pytest.approx(expected_bias, abs=1e-5)
+    else:
+        assert any(not bounds[0] <= raw <= bounds[1] for raw, _ in history), "the reference never left the range"

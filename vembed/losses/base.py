@@ -7,7 +7,14 @@ A loss is called either with tensors::
 
 or, as in the seed guide's training loop, with the model's outputs and the batch::
 
-    loss(outputs, batch)   # outputs: {"query", "positive", "negatives"?, "*_mask"?, extras?}; batch: {"labels"?}
+    loss(outputs, batch)   # outputs: {"query", "positive", "negatives"?, "*_mask"?, logit_*?, extras?}
+                           # batch: {"labels"?}
+
+Learnable loss parameters live in the model, as in open_clip: a model built by ``build_model(config)`` holds the
+configured loss's :class:`~vembed.losses.scale.LogitParameters` and returns ``logit_scale`` (and SigLIP's
+``logit_bias``) in its outputs; the loss then uses those, so ``build_optimizer(model, config)`` trains them. Called
+with tensors (``logit_scale=`` / ``logit_bias=`` may be passed too) or with outputs that carry none, a loss uses its
+own ``logit_scale`` / ``logit_bias``.
 
 Shapes (single-vector losses): ``query`` and ``positive`` ``[B, D]``; ``negatives`` shared
 ``[K, D]`` or per query ``[B, K, D]``; ``labels`` ``[B]``. Multi-vector losses (MaxSim) take
@@ -29,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from vembed.config import VEmbedConfig
+from vembed.losses.scale import LOGIT_KEYS, LogitParameters, LogitScale
 
 EMBEDDING_KEYS = ("query", "positive", "negatives")
 MASK_KEYS = ("query_mask", "positive_mask", "negative_mask")
@@ -46,6 +54,17 @@ class LossInputs:
     positive_mask: Tensor | None = None
     negative_mask: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
+    #: the model's learnable loss parameters (0-dim), when its outputs carry them; None: the loss's own
+    logit_scale: Tensor | None = None
+    logit_bias: Tensor | None = None
+
+    def scale(self, own: LogitScale) -> Tensor:
+        """The logit scale to use: the model's (``logit_scale`` input) when given, else the loss's own."""
+        return own() if self.logit_scale is None else self.logit_scale
+
+    def bias(self, own: Tensor) -> Tensor:
+        """The logit bias to use: the model's (``logit_bias`` input) when given, else the loss's own."""
+        return own if self.logit_bias is None else self.logit_bias
 
     @property
     def batch_size(self) -> int:
@@ -128,6 +147,29 @@ def validate_inputs(inputs: LossInputs, *, multi_vector: bool) -> LossInputs:
     return inputs
 
 
+def _check_logit_inputs(given: Mapping[str, Any], accepted: tuple[str, ...], loss_name: str) -> None:
+    """The model's learnable loss parameters must be the ones this loss reads, each a finite 1-element float."""
+    if not given:
+        return
+    if set(given) != set(accepted):
+        raise ValueError(
+            f"{loss_name} reads {list(accepted) or 'no learnable parameters'} from the model outputs, got "
+            f"{sorted(given)}: the model was built for another loss; build both from one config "
+            "(build_model(config), LossFactory.create(config))"
+        )
+    for name, value in given.items():
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.numel() != 1:
+            got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"loss input '{name}' must be a 1-element floating-point tensor, got {got}")
+        if not torch.isfinite(value).all() or (name == "logit_scale" and not bool(value > 0)):
+            raise ValueError(f"loss input '{name}' is {float(value):.4g}; it must be finite (and a scale > 0)")
+
+
+def learnable_temperature_parameters(config: VEmbedConfig) -> LogitParameters | None:
+    """The model-held scale of a softmax loss: ``temperature`` as a start, when ``learnable_temperature``."""
+    return LogitParameters(config.temperature) if config.learnable_temperature else None
+
+
 def check_class_labels(labels: Tensor | None, loss_name: str) -> None:
     """Contrastive losses read labels as class ids (same id = positives of each other): integers only."""
     if labels is not None and (labels.is_floating_point() or labels.is_complex()):
@@ -141,11 +183,32 @@ class EmbeddingLoss(nn.Module, abc.ABC):
     multi_vector: ClassVar[bool] = False
     #: Extra tensor inputs (keyword arguments or keys of ``outputs``) this loss accepts.
     extra_inputs: ClassVar[tuple[str, ...]] = ()
+    #: The learnable parameters (:data:`~vembed.losses.scale.LOGIT_KEYS`) this loss reads from a model's outputs.
+    logit_inputs: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, config: VEmbedConfig) -> EmbeddingLoss:
         """Build the loss from a validated config; losses with settings override this."""
         return cls()
+
+    @classmethod
+    def logit_parameters(cls, config: VEmbedConfig) -> LogitParameters | None:
+        """The learnable parameters a model trained with this loss (as configured) holds; None when it learns none.
+
+        ``build_model(config)`` attaches them to the model; losses with a learnable scale or bias override this.
+        """
+        return None
+
+    def own_logit_parameters(self) -> list[nn.Parameter]:
+        """This loss's own learnable scale and bias: unused (and not to be optimised) when the model holds them."""
+        params: list[nn.Parameter] = []
+        for module in self.modules():
+            if isinstance(module, LogitScale) and module.learnable:
+                params.append(module.log_scale)
+            bias = getattr(module, "logit_bias", None)
+            if isinstance(bias, nn.Parameter):
+                params.append(bias)
+        return params
 
     def forward(
         self,
@@ -167,13 +230,18 @@ class EmbeddingLoss(nn.Module, abc.ABC):
         else:
             if positive is None:
                 raise TypeError("loss(query, positive, ...) needs a 'positive' tensor")
+            logits = {k: extra.pop(k) for k in LOGIT_KEYS if extra.get(k) is not None}
             unknown = sorted(set(extra) - set(self.extra_inputs))
             if unknown:
                 accepted = list(self.extra_inputs) or "none"
                 raise TypeError(
                     f"{type(self).__name__} got unexpected inputs {unknown}; extra inputs accepted: {accepted}"
                 )
-            inputs = LossInputs(query, positive, negatives, labels, query_mask, positive_mask, negative_mask, extra)
+            inputs = LossInputs(
+                query, positive, negatives, labels, query_mask, positive_mask, negative_mask, extra, **logits
+            )
+        given = {k: getattr(inputs, k) for k in LOGIT_KEYS if getattr(inputs, k) is not None}
+        _check_logit_inputs(given, self.logit_inputs, type(self).__name__)
         return self.compute(validate_inputs(inputs, multi_vector=self.multi_vector))
 
     def _inputs_from_mappings(self, outputs: Mapping[str, Any], batch: Any) -> LossInputs:
@@ -185,8 +253,9 @@ class EmbeddingLoss(nn.Module, abc.ABC):
         # single-vector losses ignore any token masks a model returns alongside pooled embeddings
         roles = {k: outputs.get(k) for k in EMBEDDING_KEYS + (MASK_KEYS if self.multi_vector else ())}
         extra = {k: outputs[k] for k in self.extra_inputs if k in outputs}
+        logits = {k: outputs[k] for k in LOGIT_KEYS if outputs.get(k) is not None}  # the model's learnable ones
         labels = (batch or {}).get("labels")
-        return LossInputs(**roles, labels=labels, extra=extra)
+        return LossInputs(**roles, labels=labels, extra=extra, **logits)
 
     @abc.abstractmethod
     def compute(self, inputs: LossInputs) -> Tensor:

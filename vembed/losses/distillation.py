@@ -28,6 +28,7 @@ from vembed.losses.base import EmbeddingLoss, LossInputs, check_class_labels, ch
 from vembed.losses.candidates import collect_candidates
 from vembed.losses.infonce import InfoNCELoss
 from vembed.losses.registry import register_loss
+from vembed.losses.scale import LogitParameters
 
 TEACHER_KEYS = ("teacher_query", "teacher_positive", "teacher_negatives")
 
@@ -65,6 +66,7 @@ class DistillationLoss(EmbeddingLoss):
     """``(1 - alpha) * contrastive + alpha * (KL or MSE of student vs teacher similarities)``."""
 
     extra_inputs = TEACHER_KEYS
+    logit_inputs = InfoNCELoss.logit_inputs  # the contrastive term's scale
 
     def __init__(
         self,
@@ -86,6 +88,11 @@ class DistillationLoss(EmbeddingLoss):
         self.temperature = temperature
         self.contrastive = contrastive if contrastive is not None else InfoNCELoss()
         self.gather_across_workers = gather_across_workers
+
+    @classmethod
+    def logit_parameters(cls, config: VEmbedConfig) -> LogitParameters | None:
+        """The contrastive term's learnable temperature; none when ``distill_alpha`` is 1 (no contrastive term)."""
+        return None if config.distill_alpha == 1.0 else InfoNCELoss.logit_parameters(config)
 
     @classmethod
     def from_config(cls, config: VEmbedConfig) -> DistillationLoss:

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from vembed.config import VEmbedConfig
-from vembed.losses.base import EmbeddingLoss, LossInputs, check_class_labels
+from vembed.losses.base import EmbeddingLoss, LossInputs, check_class_labels, learnable_temperature_parameters
 from vembed.losses.candidates import collect_candidates
 from vembed.losses.registry import register_loss
-from vembed.losses.scale import LogitScale
+from vembed.losses.scale import LogitParameters, LogitScale
 
 
 @register_loss("hard_mining")
@@ -36,6 +36,12 @@ class HardMiningLoss(EmbeddingLoss):
         self.logit_scale = LogitScale(temperature, learnable_temperature)
         self.gather_across_workers = gather_across_workers
 
+    logit_inputs = ("logit_scale",)
+
+    @classmethod
+    def logit_parameters(cls, config: VEmbedConfig) -> LogitParameters | None:
+        return learnable_temperature_parameters(config)
+
     @classmethod
     def from_config(cls, config: VEmbedConfig) -> HardMiningLoss:
         return cls(
@@ -50,7 +56,7 @@ class HardMiningLoss(EmbeddingLoss):
         cands = collect_candidates(
             inputs.positive, inputs.negatives, inputs.labels, anchor_dim=2, gather=self.gather_across_workers
         )
-        logits = self.logit_scale() * inputs.query @ cands.embeddings.T
+        logits = inputs.scale(self.logit_scale) * inputs.query @ cands.embeddings.T
         positive = logits.gather(1, cands.own_positive[:, None])
         negatives = logits.masked_fill(cands.is_positive, float("-inf"))
         hardest = negatives.topk(min(self.k, logits.shape[1]), dim=-1).values  # -inf where too few negatives

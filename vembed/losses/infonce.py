@@ -17,11 +17,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from vembed.config import VEmbedConfig
-from vembed.losses.base import EmbeddingLoss, LossInputs, check_class_labels
+from vembed.losses.base import EmbeddingLoss, LossInputs, check_class_labels, learnable_temperature_parameters
 from vembed.losses.candidates import collect_candidates
 from vembed.losses.functional import contrastive_nll
 from vembed.losses.registry import register_loss
-from vembed.losses.scale import LogitScale
+from vembed.losses.scale import LogitParameters, LogitScale
 
 
 @register_loss("infonce")
@@ -40,6 +40,12 @@ class InfoNCELoss(EmbeddingLoss):
         self.bidirectional = bidirectional
         self.gather_across_workers = gather_across_workers
 
+    logit_inputs = ("logit_scale",)
+
+    @classmethod
+    def logit_parameters(cls, config: VEmbedConfig) -> LogitParameters | None:
+        return learnable_temperature_parameters(config)
+
     @classmethod
     def from_config(cls, config: VEmbedConfig) -> InfoNCELoss:
         return cls(
@@ -51,7 +57,7 @@ class InfoNCELoss(EmbeddingLoss):
 
     def compute(self, inputs: LossInputs) -> Tensor:
         check_class_labels(inputs.labels, "infonce")
-        scale = self.logit_scale()
+        scale = inputs.scale(self.logit_scale)
         gather = self.gather_across_workers
         forward = collect_candidates(inputs.positive, inputs.negatives, inputs.labels, anchor_dim=2, gather=gather)
         logits = scale * inputs.query @ forward.embeddings.T

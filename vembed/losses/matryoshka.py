@@ -35,6 +35,7 @@ class MatryoshkaLoss(EmbeddingLoss):
         self.dims_and_weights = list(zip(dims, weights, strict=True))
         self.multi_vector = loss.multi_vector
         self.extra_inputs = loss.extra_inputs
+        self.logit_inputs = loss.logit_inputs
 
     def compute(self, inputs: LossInputs) -> Tensor:
         full = inputs.query.shape[-1]

@@ -14,11 +14,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from vembed.config import VEmbedConfig
-from vembed.losses.base import EmbeddingLoss, LossInputs, check_class_labels
+from vembed.losses.base import EmbeddingLoss, LossInputs, check_class_labels, learnable_temperature_parameters
 from vembed.losses.candidates import collect_candidates
 from vembed.losses.functional import contrastive_nll
 from vembed.losses.registry import register_loss
-from vembed.losses.scale import LogitScale
+from vembed.losses.scale import LogitParameters, LogitScale
 from vembed.maxsim import maxsim
 
 
@@ -43,6 +43,12 @@ class MaxSimLoss(EmbeddingLoss):
         self.logit_scale = LogitScale(temperature, learnable_temperature)
         self.gather_across_workers = gather_across_workers
 
+    logit_inputs = ("logit_scale",)
+
+    @classmethod
+    def logit_parameters(cls, config: VEmbedConfig) -> LogitParameters | None:
+        return learnable_temperature_parameters(config)
+
     @classmethod
     def from_config(cls, config: VEmbedConfig) -> MaxSimLoss:
         return cls(
@@ -65,4 +71,4 @@ class MaxSimLoss(EmbeddingLoss):
             gather=self.gather_across_workers,
         )
         scores = maxsim(inputs.query, inputs.query_mask, cands.embeddings, cands.token_mask)
-        return cands.share_of_mean(contrastive_nll(self.logit_scale() * scores, cands.is_positive))
+        return cands.share_of_mean(contrastive_nll(inputs.scale(self.logit_scale) * scores, cands.is_positive))

@@ -61,11 +61,39 @@ class LogitScale(nn.Module):
         return f"temperature={self.temperature:.4g}, learnable={self.learnable}"
 
 
-def clamp_logit_scales(module: nn.Module) -> None:
-    """:meth:`LogitScale.clamp_` every logit scale inside ``module`` (a loss, possibly wrapped)."""
-    for child in module.modules():
-        if isinstance(child, LogitScale):
-            child.clamp_()
+#: the keys under which a model's outputs carry the learnable parameters of its loss (see :class:`LogitParameters`)
+LOGIT_KEYS = ("logit_scale", "logit_bias")
+
+
+class LogitParameters(nn.Module):
+    """The learnable logit scale (and SigLIP's logit bias) of a contrastive loss, held by the model.
+
+    As in open_clip, the model owns the loss's learnable parameters: ``build_model(config)`` attaches one of these
+    (built by the configured loss class, :meth:`vembed.losses.base.EmbeddingLoss.logit_parameters`), the model's
+    forward adds :meth:`forward`'s tensors to its outputs, and the loss reads them there. So
+    ``build_optimizer(model, config)`` trains them (no weight decay: they are 1-element parameters), they are saved
+    and loaded with the model, and DDP / FSDP2 synchronise them with the model's own parameters.
+
+    The bias is a direct parameter registered before the scale's submodule, so the parameter order is the one a
+    loss holding them had (``logit_bias``, then ``logit_scale.log_scale``).
+    """
+
+    def __init__(self, temperature: float, bias: float | None = None) -> None:
+        super().__init__()
+        self.logit_bias = None if bias is None else nn.Parameter(torch.tensor([float(bias)]))  # [1]: FSDP2
+        self.logit_scale = LogitScale(temperature, learnable=True)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The output keys this module fills (a subset of :data:`LOGIT_KEYS`, in that order)."""
+        return ("logit_scale",) if self.logit_bias is None else LOGIT_KEYS
+
+    def forward(self) -> dict[str, Tensor]:
+        """``{"logit_scale": 0-dim scale, "logit_bias": 0-dim bias}`` (the bias only when there is one)."""
+        out = {"logit_scale": self.logit_scale()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias[0]
+        return out
 
 
 def _base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -76,18 +104,26 @@ def _base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def clamp_after_step(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
-    """The one clamping hook: after every ``optimizer.step()`` the logit scales of ``module`` are clamped.
+    """The one clamping hook: after every ``optimizer.step()`` the learned logit scales inside ``module`` are clamped.
 
-    A step post-hook on the (innermost) optimizer, so it runs on every path that steps it: the Ray Train
-    worker's and the mid-level ``Trainer``'s loop (GradScaler and accelerate included) and a custom loop over an
-    optimizer from ``build_optimizer(..., extra_modules=[criterion])``. Registering the same module twice is a
-    no-op.
+    ``module`` is a model (its :class:`LogitParameters`), a loss, or a wrapper of either (DDP, FSDP2 and
+    ``torch.compile`` keep the same submodules); its learnable :class:`LogitScale` modules are found once, here. A
+    step post-hook on the (innermost) optimizer, so it runs on every path that steps it: the Ray Train worker's and
+    the mid-level ``Trainer``'s loop (GradScaler and accelerate included) and the seed guide's custom loop over
+    ``build_optimizer(model, config)``. A scale already registered with this optimizer is not registered twice.
     """
-    if not any(isinstance(child, LogitScale) and child.learnable for child in module.modules()):
-        return
     base = _base_optimizer(optimizer)
-    clamped: weakref.WeakSet[nn.Module] = base.__dict__.setdefault("_vembed_clamped_modules", weakref.WeakSet())
-    if module in clamped:
+    clamped: weakref.WeakSet[LogitScale] = base.__dict__.setdefault("_vembed_clamped_scales", weakref.WeakSet())
+    scales = [m for m in module.modules() if isinstance(m, LogitScale) and m.learnable and m not in clamped]
+    if not scales:
         return
-    clamped.add(module)
-    base.register_step_post_hook(lambda *_: clamp_logit_scales(module))
+    clamped.update(scales)
+    refs = [weakref.ref(scale) for scale in scales]
+
+    def clamp(*_: object) -> None:
+        for ref in refs:
+            scale = ref()
+            if scale is not None:
+                scale.clamp_()
+
+    base.register_step_post_hook(clamp)

@@ -4,6 +4,8 @@ Layout of a saved model directory::
 
     vembed.json                  family, pooling, heads, normalisation, MRL dims, projection dim, format version
     heads.safetensors            projection heads ("text.weight", "image.weight"), only when the model has heads
+    logit_parameters.safetensors the training loss's learned logit scale / bias (``logit_scale.log_scale``,
+                                 ``logit_bias``), only when the model holds them (vembed.json ``logit_parameters``)
     config.json, model.safetensors, tokenizer / image-processor files
                                  single-backbone families (dual, text, image): the backbone at the root, so
                                  ``transformers.AutoModel.from_pretrained(dir)`` loads it as is
@@ -41,6 +43,7 @@ from torch import nn
 
 import vembed
 from vembed.data.processing import load_image_processor, load_tokenizer, resolve_settings
+from vembed.losses.scale import LOGIT_KEYS, LogitParameters
 from vembed.model.families import EncoderFamily, get_family
 from vembed.model.heads import build_heads
 from vembed.model.hf import unwrap
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 SPEC_FILE = "vembed.json"
 HEADS_FILE = "heads.safetensors"
+LOGIT_PARAMETERS_FILE = "logit_parameters.safetensors"
 ADAPTER_DIR = "lora_adapter"  # the layout before adapter saves replaced the backbone directory (still read)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 BASE_WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
@@ -82,6 +86,8 @@ class ModelSpec:
     #: the preprocessing the model was trained with (``vembed.data.processing.SETTINGS_KEYS``: text length, image
     #: size, pixel bounds, padding policy, instructions), read back by every path; empty in older checkpoints
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    #: the training loss's learnable parameters the model holds (names from ``LOGIT_KEYS``); empty in older checkpoints
+    logit_parameters: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     vembed_version: str = vembed.__version__
 
@@ -115,6 +121,11 @@ def read_spec(directory: str | Path) -> ModelSpec:
         raise ValueError(
             f"{path}: vector_tokens={spec.vector_tokens!r} is not known to this vembed (knows {list(VECTOR_TOKENS)}); "
             "upgrade vembed"
+        )
+    if spec.logit_parameters and tuple(spec.logit_parameters) not in (LOGIT_KEYS[:1], LOGIT_KEYS):
+        raise ValueError(
+            f"{path}: logit_parameters={spec.logit_parameters!r} is not known to this vembed (knows "
+            f"{list(LOGIT_KEYS[:1])} and {list(LOGIT_KEYS)}); upgrade vembed"
         )
     return spec
 
@@ -222,6 +233,11 @@ def save_model(model: EmbeddingModel, directory: str | Path, merge_lora: bool = 
     if len(model.heads):
         tensors = {f"{m}.weight": h.weight.detach().cpu().contiguous() for m, h in model.heads.items()}
         save_file(tensors, str(heads_path), metadata={"format": "pt"})
+    logit_path = directory / LOGIT_PARAMETERS_FILE
+    logit_path.unlink(missing_ok=True)
+    if model.logit_parameters is not None:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.logit_parameters.state_dict().items()}
+        save_file(tensors, str(logit_path), metadata={"format": "pt"})
     spec = model.spec()
     spec.lora = adapters
     spec.lora_base = bases
@@ -285,3 +301,27 @@ def load_heads(directory: str | Path, spec: ModelSpec, dtype: torch.dtype) -> nn
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight.dtype))
     return heads
+
+
+def load_logit_parameters(directory: str | Path, spec: ModelSpec) -> LogitParameters | None:
+    """The learned logit scale / bias recorded in ``spec`` with their saved values (None when it records none).
+
+    Raises:
+        FileNotFoundError: ``vembed.json`` lists them but ``logit_parameters.safetensors`` is missing.
+        ValueError: the saved tensors are not the ones ``vembed.json`` lists.
+    """
+    if not spec.logit_parameters:
+        return None
+    path = Path(directory) / LOGIT_PARAMETERS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing but {Path(directory) / SPEC_FILE} lists logit_parameters {spec.logit_parameters}"
+        )
+    module = LogitParameters(1.0, bias=0.0 if "logit_bias" in spec.logit_parameters else None)
+    tensors = load_file(str(path))
+    expected = module.state_dict()
+    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+        got = {k: list(v.shape) for k, v in tensors.items()}
+        raise ValueError(f"{path} holds {got}; {SPEC_FILE} lists logit_parameters {spec.logit_parameters}")
+    module.load_state_dict(tensors)
+    return module

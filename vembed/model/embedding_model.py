@@ -12,6 +12,10 @@ Multimodal queries (``encode`` with both text and image, e.g. the m2i retrieval 
 L2-normalised text and image embeddings, then finalised (so with ``normalize=True`` the result is the normalised
 mean direction of the two). Multi-vector fusion concatenates the text and image tokens (and their masks).
 
+A model trained with a loss that learns its logit scale (and SigLIP's bias) holds them as ``logit_parameters`` (a
+:class:`~vembed.losses.scale.LogitParameters`, attached by ``build_model(config)``, saved and loaded with the model, as
+open_clip's CLIP holds ``logit_scale``); :meth:`EmbeddingModel.forward` adds them to its outputs for the loss.
+
 Under FSDP2, call the model itself (``forward``) rather than ``encode_*``: FSDP's hooks run around ``forward``.
 """
 
@@ -26,12 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vembed.config import VEmbedConfig, as_config, load_base_config
+from vembed.losses.scale import LogitParameters
 from vembed.model.checkpoint import (
     VECTOR_TOKENS,
     ModelSpec,
     is_vembed_checkpoint,
     load_family,
     load_heads,
+    load_logit_parameters,
     read_spec,
     save_model,
 )
@@ -62,6 +68,7 @@ class EmbeddingModel(nn.Module):
         heads: pre-built heads (loading a checkpoint); default builds fresh ones from ``projection_dim``.
         vector_tokens: a multi-vector model's tokens: ``non_padding``, ``content`` (vlm only) or ``auto``
             (``content`` for vlm, else ``non_padding``); must stay ``auto`` for single-vector models.
+        logit_parameters: the training loss's learnable scale / bias (see the module docstring); None: none.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class EmbeddingModel(nn.Module):
         pooling_method: str = "auto",
         heads: nn.ModuleDict | None = None,
         vector_tokens: str = "auto",
+        logit_parameters: LogitParameters | None = None,
     ):
         super().__init__()
         self.encoder = encoder
@@ -105,6 +113,8 @@ class EmbeddingModel(nn.Module):
                 f"mrl_dims {bad} are outside 1..{self.embedding_dim} (the model's embedding dim); "
                 "use Matryoshka dims no larger than the embedding"
             )
+        #: the loss's learnable logit scale / bias (registered last: after the encoder's and heads' parameters)
+        self.logit_parameters = logit_parameters
 
     # ---------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -209,6 +219,7 @@ class EmbeddingModel(nn.Module):
             pooling_method=pooling_method,
             heads=heads,
             vector_tokens=vector_tokens,
+            logit_parameters=load_logit_parameters(directory, spec),
         )
         model.preprocessing = dict(spec.preprocessing)
         return model
@@ -266,6 +277,7 @@ class EmbeddingModel(nn.Module):
             heads=head_shapes(self.heads),
             family_info=self.encoder.describe(),
             vector_tokens=self.vector_tokens,
+            logit_parameters=list(self.logit_parameters.names) if self.logit_parameters is not None else [],
         )
 
     # -------------------------------------------------------------------------------------------- model switches
@@ -481,6 +493,7 @@ class EmbeddingModel(nn.Module):
         Returns:
             ``{"query": [B, D], "positive": [B, D], "negatives": [B, K, D]}`` for the roles present; multi-vector
             models return ``[B, L, D]`` / ``[B, K, L, D]`` plus ``query_mask``, ``positive_mask``, ``negative_mask``.
+            A model holding ``logit_parameters`` adds them: ``logit_scale`` (and ``logit_bias``), 0-dim.
 
         Raises:
             ValueError: no role present, or a role's tensors have the wrong number of axes.
@@ -509,6 +522,8 @@ class EmbeddingModel(nn.Module):
         if not out:
             expected = ", ".join(f"{r}_input_ids/{r}_pixel_values" for r in ROLES)
             raise ValueError(f"the batch has no inputs for any role; expected some of {expected}; got {sorted(batch)}")
+        if self.logit_parameters is not None:
+            out.update(self.logit_parameters())  # inside forward: DDP and FSDP2 see them used
         return out
 
     def extra_repr(self) -> str:

@@ -16,8 +16,9 @@ unsharded copy of the model on rank 0 and saved from there.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,20 +150,39 @@ def load_training_state(
             raise ValueError(f"{directory} holds a replicated (DDP) checkpoint; resume it with strategy: ddp")
         _initialise_optimizer_state(optimizer)
         state = {"model": get_model_state_dict(model), "optim": _optimizer_state(optimizer)}
-        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))  # in place, each rank its own shards
+        with _refusing_loss_held_parameters(directory):
+            dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))  # in place, each rank its own shards
         set_model_state_dict(model, state["model"])
         optim = state["optim"]
         optimizer.load_state_dict({"state": {int(k): v for k, v in optim["state"].items()}, **optim["param_groups"]})
     else:
         if not (directory / MODEL_FILE).exists():
             raise ValueError(f"{directory} holds a sharded (FSDP) checkpoint; resume it with strategy: fsdp")
-        unwrap_model(model).load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+        with _refusing_loss_held_parameters(directory):
+            unwrap_model(model).load_state_dict(
+                torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+            )
         optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
     for name, module in (extra_modules or {}).items():
         module.load_state_dict(torch.load(directory / _module_file(name), map_location="cpu", weights_only=True))
     return progress
+
+
+@contextlib.contextmanager
+def _refusing_loss_held_parameters(directory: Path) -> Iterator[None]:
+    """A resume state written before the model held the loss's learnable scale / bias lacks them: say so."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError) as exc:
+        if "logit_parameters." not in str(exc):
+            raise
+        raise ValueError(
+            f"{directory} was written by an older vembed, whose loss (not the model) held the learnable temperature "
+            "/ logit bias, so it cannot resume this run; start the run again under a new name, or fine-tune from one "
+            "of its user checkpoints (model_name: .../checkpoint-epoch-N)"
+        ) from exc
 
 
 def save_user_checkpoint(

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from vembed.data.ragged import IMAGE_KEYS, ROLES, is_vlm_batch, slice_items
+from vembed.losses.scale import LOGIT_KEYS
 
 LossFn = Callable[[Mapping[str, Tensor], Mapping[str, Any]], Tensor]
 
@@ -81,6 +82,8 @@ def _tensor_outputs(outputs: Any, chunk_rows: int) -> dict[str, Tensor]:
     if not isinstance(outputs, Mapping):
         raise TypeError(f"GradCache: the model must return a mapping of role -> tensor, got {type(outputs).__name__}")
     for key, value in outputs.items():
+        if key in LOGIT_KEYS and isinstance(value, Tensor):
+            continue  # the model's learnable loss parameters: one value per batch, not per example
         if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != chunk_rows:
             got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
@@ -112,7 +115,10 @@ class GradCache:
         """Forward, loss and backward of ``batch`` chunk by chunk; returns the detached loss."""
         chunks = split_batch(batch, self.chunk_size)
         reps, rng_states = self._encode_without_graph(chunks)
-        reps = {key: torch.cat([rep[key] for rep in reps]) for key in reps[0]}
+        # per-example outputs are concatenated; the model's loss parameters (logit_scale, ...) are the same per chunk
+        reps = {
+            key: rep0 if key in LOGIT_KEYS else torch.cat([rep[key] for rep in reps]) for key, rep0 in reps[0].items()
+        }
         leaves = {key: value.detach().requires_grad_(value.is_floating_point()) for key, value in reps.items()}
         loss = self.loss_fn(leaves, batch)
         loss.backward()
@@ -138,13 +144,18 @@ class GradCache:
         for index, (chunk, state) in enumerate(zip(chunks, rng_states, strict=True)):
             rows = _rows(chunk)
             state.restore()
-            with self._sync_context(last=index == len(chunks) - 1):
+            last = index == len(chunks) - 1
+            with self._sync_context(last=last):
                 outputs = _tensor_outputs(self.model(**chunk), rows)
-                keys = [key for key in grads if outputs[key].requires_grad]
-                if keys:
-                    torch.autograd.backward(
-                        [outputs[key] for key in keys], [grads[key][offset : offset + rows] for key in keys]
-                    )
+                keys = [key for key in grads if outputs[key].requires_grad and key not in LOGIT_KEYS]
+                tensors = [outputs[key] for key in keys]
+                cached = [grads[key][offset : offset + rows] for key in keys]
+                if last:  # the loss parameters' gradient, once, in the chunk whose backward synchronises
+                    logit_keys = [key for key in grads if key in LOGIT_KEYS and outputs[key].requires_grad]
+                    tensors += [outputs[key] for key in logit_keys]
+                    cached += [grads[key] for key in logit_keys]
+                if tensors:
+                    torch.autograd.backward(tensors, cached)
             offset += rows
         after_first_pass.restore()  # leave the RNG where a single forward pass would have
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.data.processing import Preprocessor
+from vembed.losses.registry import get_loss_class
+from vembed.losses.scale import LogitParameters
 from vembed.model import EmbeddingModel
 from vembed.model import apply_lora as _apply_lora
 
@@ -27,11 +29,29 @@ ConfigLike = VEmbedConfig | Mapping[str, Any]
 
 
 def build_model(config: ConfigLike) -> EmbeddingModel:
-    """The embedding model the config describes (family, pooling, heads, dtype, gradient checkpointing).
+    """The embedding model the config describes (family, pooling, heads, dtype, gradient checkpointing), holding the
+    configured loss's learnable parameters.
 
-    LoRA is not applied here; call :func:`apply_lora` next (it honours ``use_lora``).
+    A loss that learns its logit scale (``learnable_temperature``) or bias (SigLIP's ``sigmoid``) gets them from the
+    model, as in open_clip: the model holds them (``model.logit_parameters``), returns them in its outputs for the
+    loss and saves them; so ``build_optimizer(model, config)`` trains them whenever the loss is built. A vembed
+    checkpoint that holds the same parameters continues from their saved values. LoRA is not applied here; call
+    :func:`apply_lora` next (it honours ``use_lora``).
     """
-    return EmbeddingModel.from_config(as_config(config))
+    cfg = as_config(config)
+    model = EmbeddingModel.from_config(cfg)
+    model.logit_parameters = _logit_parameters(cfg, model.logit_parameters)
+    return model
+
+
+def _logit_parameters(cfg: VEmbedConfig, saved: LogitParameters | None) -> LogitParameters | None:
+    """The loss's learnable parameters for the model: a checkpoint's saved ones when they are the ones the
+    configured loss learns, else fresh ones from the config (None when the loss learns none)."""
+    wanted = get_loss_class(cfg.loss_type).logit_parameters(cfg)
+    if wanted is not None and saved is not None and saved.names == wanted.names:
+        logger.info("%s: continuing from the checkpoint's learned %s", cfg.model_name, ", ".join(saved.names))
+        return saved
+    return wanted
 
 
 def load_processor(

@@ -2,10 +2,12 @@
 
 Weight decay pulls parameters towards zero. That regularises weight matrices, but on biases, norm
 gains and scalars such as a learnable temperature it only shifts activations or sharpens/flattens
-the softmax, so those get no decay (the rule of BERT, CLIP and open_clip). Trainable parameters of
-the loss (learnable temperature, SigLIP bias) are optimised alongside the model: pass the loss
-module in ``extra_modules``, or hand the optimizer to ``Trainer``, which adds the criterion's parameters it
-lacks (:func:`add_missing_parameters`).
+the softmax, so those get no decay (the rule of BERT, CLIP and open_clip). The loss's learnable
+temperature / SigLIP scale and bias live in a model built by ``build_model(config)``
+(``model.logit_parameters``), so ``build_optimizer(model, config)`` holds them, and clamps the learned scale
+after every step. Other trainable parameters of a loss are optimised alongside the model when the loss is passed
+in ``extra_modules``, or when the optimizer goes to ``Trainer``, which adds the criterion's parameters it lacks
+(:func:`add_missing_parameters`).
 """
 
 from __future__ import annotations
@@ -65,10 +67,12 @@ def build_optimizer(
     config: VEmbedConfig | Mapping[str, Any],
     extra_modules: Iterable[nn.Module] = (),
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``model`` and ``extra_modules`` (e.g. the loss).
+    """AdamW over the trainable parameters of ``model`` and ``extra_modules`` (e.g. a loss with parameters).
 
     Uses ``learning_rate``, ``weight_decay``, ``adam_beta1``, ``adam_beta2`` and ``adam_epsilon``;
-    no decay on biases, norm weights and scalar parameters.
+    no decay on biases, norm weights and scalar parameters (the loss's logit scale and bias the model holds
+    among them). Learned logit scales of ``model`` and ``extra_modules`` are clamped after every step
+    (:func:`~vembed.losses.scale.clamp_after_step`).
     """
     cfg = as_config(config)
     groups = parameter_groups([model, *extra_modules], cfg.weight_decay)
@@ -85,7 +89,7 @@ def build_optimizer(
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
     )
-    for module in extra_modules:
+    for module in (model, *extra_modules):
         clamp_after_step(optimizer, module)  # learned temperatures stay in range after every step
     return optimizer
 
@@ -95,16 +99,19 @@ def add_missing_parameters(
     module: nn.Module,
     config: VEmbedConfig | Mapping[str, Any],
     scheduler: LRScheduler | None = None,
+    exclude: Iterable[nn.Parameter] = (),
 ) -> int:
     """Add the trainable parameters of ``module`` (the loss) that ``optimizer`` does not hold; returns how many.
 
-    ``build_optimizer(model, config)`` cannot see a loss built after it, so its learnable temperature or SigLIP
-    scale and bias would keep their initial values. They are added as :func:`build_optimizer` groups them (no
-    weight decay on scalars), at the learning rate of the optimizer's first group, and ``scheduler`` (built for
-    the old groups) is extended so the new groups follow the same schedule.
+    ``build_optimizer(model, config)`` cannot see a loss built after it, so parameters of the loss itself (a
+    custom loss's, or a built-in loss's own scale and bias when the model does not hold them) would keep their
+    initial values. They are added as :func:`build_optimizer` groups them (no weight decay on scalars), at the
+    learning rate of the optimizer's first group, and ``scheduler`` (built for the old groups) is extended so the
+    new groups follow the same schedule. ``exclude``: parameters not to add (a loss's own scale and bias, unused
+    when the model holds them).
     """
     cfg = as_config(config)
-    present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    present = {id(p) for group in optimizer.param_groups for p in group["params"]} | {id(p) for p in exclude}
     new_groups = []
     for group in parameter_groups([module], cfg.weight_decay):
         params = [p for p in group["params"] if id(p) not in present]

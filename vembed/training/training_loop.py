@@ -208,11 +208,14 @@ class Trainer:
     ) -> Callable[..., Tensor]:
         """Make the loss's own parameters train: move the criterion to the training device, add its trainable
         parameters the optimizer lacks (``build_optimizer(model, config)`` cannot see a loss built after it), and
-        clamp its learned temperatures after every optimizer step."""
+        clamp its learned temperatures after every optimizer step. A model that holds the loss's logit scale /
+        bias (``build_model``) trains those itself; the loss's own copies are then unused and not added."""
         if not isinstance(criterion, nn.Module):
             return criterion
         criterion.to(self.device)
-        added = add_missing_parameters(optimizer, criterion, self.config, scheduler)
+        held = getattr(unwrap_model(self.model), "logit_parameters", None) is not None
+        unused = criterion.own_logit_parameters() if held and hasattr(criterion, "own_logit_parameters") else []
+        added = add_missing_parameters(optimizer, criterion, self.config, scheduler, exclude=unused)
         if added:
             logger.info("added %d trainable parameter(s) of %s to the optimizer", added, type(criterion).__name__)
         clamp_after_step(optimizer, criterion)

@@ -175,7 +175,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     if cfg.torch_compile:
         model = compile_model(model, cfg)
     criterion = LossFactory.create(cfg).to(device)
-    optimizer = build_optimizer(model, cfg, extra_modules=[criterion])
+    optimizer = build_optimizer(model, cfg)  # the model holds the loss's scale / bias; Trainer adds the rest
     steps_per_epoch = optimizer_steps_per_epoch(num_records, cfg, world)
     scheduler, _ = build_scheduler(optimizer, cfg, max(cfg.epochs, 1), steps_per_epoch)
 
