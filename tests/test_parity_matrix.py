@@ -213,16 +213,19 @@ def serve_url(ray_local, front_end_models):
     """ONE Serve start (HTTP on 127.0.0.1) with one application per family, deployed together."""
     from ray import serve
 
-    from vembed.serving.app import build_app
+    from vembed.serving.app import embedding_app
+    from vembed.serving.settings import DeploymentSettings
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = {"max_batch_size": 8, "batch_wait_ms": 20, "num_cpus": 0.25, "request_timeout_s": 120}
+    settings = {"max_batch_size": 8, "batch_wait_ms": 20, "request_timeout_s": 120}
     targets = [
         serve.RunTarget(
-            target=build_app({"model": str(path), "model_name": family, **settings}),
+            target=embedding_app(
+                {"model": str(path), "model_name": family, **settings}, DeploymentSettings(num_cpus=0.25)
+            ),
             name=f"parity-{family}",
             route_prefix=f"/{family}",
         )
