@@ -224,7 +224,7 @@ def serve_url(ray_local, front_end_models):
     targets = [
         serve.RunTarget(
             target=embedding_app(
-                {"model": str(path), "model_name": family, **settings}, DeploymentSettings(num_cpus=0.25)
+                {"model": str(path), "model_name": family, **settings}, DeploymentSettings.from_flat({"num_cpus": 0.25})
             ),
             name=f"parity-{family}",
             route_prefix=f"/{family}",
