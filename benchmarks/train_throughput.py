@@ -41,6 +41,7 @@ from vembed.losses.factory import LossFactory  # noqa: E402
 from vembed.testing import make_shapes_dataset, make_tiny_clip  # noqa: E402
 from vembed.training.model_builder import build_model, load_processor  # noqa: E402
 from vembed.training.optimizer_builder import build_optimizer  # noqa: E402
+from vembed.training.step_timing import breakdown_table  # noqa: E402
 
 IMAGE_SIZE = 64
 WIDTH = 128
@@ -109,15 +110,15 @@ def plain_loop(cfg: dict, steps: int, threads: int) -> tuple[float, float, float
     return live, precollated, float(counter.get_total_flops())
 
 
-def vembed_run(cfg: dict, num_workers: int, threads: int, out: Path) -> float:
-    """(b)-(d): samples/s over the second epoch of a vembed Ray Train run."""
+def vembed_run(cfg: dict, num_workers: int, threads: int, out: Path) -> tuple[float, dict]:
+    """(b)-(d): samples/s over the second epoch of a vembed Ray Train run, and rank 0's time per loop phase."""
     from vembed.training.launcher import run_training
 
     torch.set_num_threads(threads)
     result = run_training(
         {**cfg, "num_workers": num_workers, "torch_threads": threads, "output_dir": str(out), "run_name": out.name}
     )
-    return float(result.metrics["samples_per_s"])
+    return float(result.metrics["samples_per_s"]), result.metrics
 
 
 def main() -> None:
@@ -159,8 +160,8 @@ def main() -> None:
     cases.append(("d", "(d) TorchTrainer 2 workers DDP", 2, max(1, cores // 2)))
     for letter, name, workers, threads in cases:
         if letter in args.cases:
-            rates[name] = vembed_run(cfg, workers, threads, work / f"workers{workers}")
-            print(f"{name}: {rates[name]:.1f} samples/s", flush=True)
+            rates[name], metrics = vembed_run(cfg, workers, threads, work / f"workers{workers}")
+            print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
     ray.shutdown()
     if "a" in args.cases:
         report(rates, flops_per_step, peak, args)
