@@ -165,6 +165,109 @@ class EpochClock:
         return ray.get(self._actor.get.remote())
 
 
+CACHE_OBJECT_STORE_FRACTION = 0.25
+"""Share of the cluster's object store that ``cache_preprocessed: auto`` may fill with preprocessed rows."""
+
+
+@ray.remote(num_cpus=0)
+class _PreprocessedRows:
+    """Actor state behind :class:`PreprocessedCache`: record source -> (object holding its row, row index), or the
+    record's :class:`BadRecord` when it was dropped. The actor puts the objects itself, so it owns them and they
+    live as long as the run, whichever Data worker process preprocessed the rows."""
+
+    def __init__(self, budget_bytes: float) -> None:
+        self._rows: dict[str, tuple[list[Any], int] | tuple[None, tuple[str, str, str]]] = {}
+        self._budget = budget_bytes
+        self._bytes = 0
+
+    def lookup(self, keys: list[str]) -> list[Any]:
+        return [self._rows.get(key) for key in keys]
+
+    def room_for(self, nbytes: int) -> bool:
+        return self._bytes + nbytes <= self._budget
+
+    def add(
+        self, keys: list[str], batch: dict[str, Any] | None, nbytes: int, bad: dict[str, tuple[str, str, str]]
+    ) -> None:
+        if batch is not None and self._bytes + nbytes <= self._budget:
+            self._bytes += nbytes
+            holder = [ray.put(batch)]  # in a list: lookups hand out the reference, not the arrays
+            for index, key in enumerate(keys):
+                self._rows.setdefault(key, (holder, index))
+        for key, record in bad.items():
+            self._rows.setdefault(key, (None, record))
+
+    def stats(self) -> dict[str, float]:
+        cached = sum(1 for value in self._rows.values() if value[0] is not None)
+        return {"rows": cached, "bad": len(self._rows) - cached, "bytes": self._bytes, "budget": self._budget}
+
+
+class PreprocessedCache:
+    """Preprocessed rows kept in the object store after their first epoch, for later epochs to reuse.
+
+    A picklable handle to a zero-CPU actor pinned to the driver's node (like :class:`BadRecordCounter`). The
+    preprocessing tasks of :func:`build_train_dataset` look every record up by its source (file and line): a hit
+    is the row the first epoch made, a miss is preprocessed and added while fewer than ``budget_bytes`` are held.
+    The read stage is unchanged -- file, window and row order still come from (seed, epoch) through the
+    :class:`EpochClock` -- and rows are the same arrays preprocessing makes, so a cached epoch yields exactly the
+    batches a streaming epoch does; records past the budget stream as before. A record dropped as bad is
+    remembered as such and counted again in every epoch, as streaming counts it. Requires a running Ray instance.
+    """
+
+    def __init__(self, budget_bytes: float = float("inf")) -> None:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._actor = _PreprocessedRows.options(scheduling_strategy=here).remote(float(budget_bytes))
+
+    def lookup(self, keys: list[str]) -> list[Any]:
+        """Per key: ``([ref], row)`` for a cached row, ``(None, bad_record)`` for a dropped record, else None."""
+        return ray.get(self._actor.lookup.remote(keys))
+
+    def add(self, keys: list[str], batch: Mapping[str, np.ndarray], bad: Sequence[BadRecord]) -> None:
+        """Keep ``batch`` (rows of the records ``keys``, in order) when it fits the budget; remember ``bad``."""
+        nbytes = batch_nbytes(batch) if batch else 0
+        keep = bool(batch) and ray.get(self._actor.room_for.remote(nbytes))  # past the budget: no copy is sent
+        if keep or bad:
+            bad_by_key = {b.source: tuple(b) for b in bad}
+            ray.get(self._actor.add.remote(keys, dict(batch) if keep else None, nbytes, bad_by_key))
+
+    def stats(self) -> dict[str, float]:
+        """Rows and dropped records held, bytes used and the budget."""
+        return ray.get(self._actor.stats.remote())
+
+
+def batch_nbytes(batch: Mapping[str, np.ndarray]) -> int:
+    """Bytes of a preprocessed batch (ragged VLM rows: the sum of their arrays)."""
+    total = 0
+    for value in batch.values():
+        if value.dtype == object:
+            total += sum(np.asarray(item).nbytes for item in value)
+        else:
+            total += value.nbytes
+    return total
+
+
+def cache_budget(
+    cfg: VEmbedConfig | Mapping[str, Any], num_records: int, preprocessor: Any, path: str | os.PathLike
+) -> float | None:
+    """Bytes of preprocessed rows to keep (``cache_preprocessed``), or None to stream every epoch.
+
+    ``true``: no limit (the object store spills to disk when full). ``auto``: a quarter of the cluster's object
+    store (:data:`CACHE_OBJECT_STORE_FRACTION`), and only when ``num_records`` rows of the size of the first
+    record's fit into it -- larger data sets stream. ``false``: None.
+    """
+    cfg = as_config(cfg)
+    if cfg.cache_preprocessed is False:
+        return None
+    if cfg.cache_preprocessed is True:
+        return float("inf")
+    budget = CACHE_OBJECT_STORE_FRACTION * ray.cluster_resources().get("object_store_memory", 0.0)
+    schema = RecordSchema.from_config(cfg)
+    record = first_record(path, schema)
+    batch, _ = build_batch([record], preprocessor, cfg.retrieval_mode, on_bad_record="skip", pad_to_max_length=True)
+    row_bytes = batch_nbytes(batch) if batch else 0
+    return budget if row_bytes * num_records <= budget else None
+
+
 def epoch_seed(seed: int, epoch: int, purpose: str) -> int:
     """A 32-bit seed for one random choice (``purpose``) of one epoch: the same in every process (sha256, not
     ``hash()``), and unrelated across seeds and epochs (``seed + epoch`` would make seed 3 epoch 1 = seed 4
@@ -268,19 +371,72 @@ def preprocess_records(
     retrieval_mode: str,
     on_bad_record: str,
     bad_records: BadRecordCounter | None,
+    cache: PreprocessedCache | None = None,
 ) -> dict[str, np.ndarray]:
     """``map_batches`` task function: a pyarrow batch of records -> model-input arrays, with this process's cached
-    preprocessor; dropped records go to ``bad_records``."""
+    preprocessor (rows found in ``cache`` are reused, see :class:`PreprocessedCache`); dropped records go to
+    ``bad_records``."""
     pre = preprocessor.get()
-    batch, bad = build_batch(
-        table.to_pylist(), pre, retrieval_mode, on_bad_record=on_bad_record, pad_to_max_length=True
-    )
+    records = table.to_pylist()
+    if cache is None:
+        batch, bad = build_batch(records, pre, retrieval_mode, on_bad_record=on_bad_record, pad_to_max_length=True)
+    else:
+        batch, bad = _through_cache(records, cache, pre, retrieval_mode, on_bad_record)
     if bad and bad_records is not None:
         bad_records.add(bad)
     if batch and getattr(pre, "text_padding", "longest") == "max_length":  # keep it: see trim_text_padding
         rows = len(next(iter(batch.values())))
         batch[FIXED_TEXT_LENGTH_KEY] = np.full(rows, pre.max_text_length, dtype=np.int64)
     return batch  # an empty dict (every record bad) adds no rows
+
+
+def _through_cache(
+    records: list[dict[str, Any]], cache: PreprocessedCache, pre: Any, retrieval_mode: str, on_bad_record: str
+) -> tuple[dict[str, np.ndarray], list[BadRecord]]:
+    """:func:`build_batch` of ``records``, its rows taken from ``cache`` where present (the misses are
+    preprocessed and offered to the cache): the same arrays and dropped records as without a cache."""
+    keys = [rec[SOURCE_FIELD] for rec in records]
+    found = cache.lookup(keys)
+    held = {entry[0][0].hex(): entry[0][0] for entry in found if entry is not None and entry[0] is not None}
+    try:
+        arrays = dict(zip(held, ray.get(list(held.values())), strict=True))
+    except ray.exceptions.RayError:  # a cached object was lost: preprocess these records again
+        found, arrays = [None] * len(records), {}
+    missing = [rec for rec, entry in zip(records, found, strict=True) if entry is None]
+    fresh, fresh_bad = {}, []
+    if missing:
+        fresh, fresh_bad = build_batch(
+            missing, pre, retrieval_mode, on_bad_record=on_bad_record, pad_to_max_length=True
+        )
+        dropped = {b.source for b in fresh_bad}
+        cache.add([rec[SOURCE_FIELD] for rec in missing if rec[SOURCE_FIELD] not in dropped], fresh, fresh_bad)
+    rows: list[tuple[Mapping[str, np.ndarray], int]] = []  # (arrays, row) of every kept record, in record order
+    bad: list[BadRecord] = []
+    fresh_bad_by_key = {b.source: b for b in fresh_bad}
+    next_fresh = 0
+    for key, entry in zip(keys, found, strict=True):
+        if entry is None and key in fresh_bad_by_key:
+            bad.append(fresh_bad_by_key[key])
+        elif entry is None:
+            rows.append((fresh, next_fresh))
+            next_fresh += 1
+        elif entry[0] is None:
+            bad.append(BadRecord(*entry[1]))
+        else:
+            rows.append((arrays[entry[0][0].hex()], entry[1]))
+    if not rows:
+        return {}, bad
+    return {column: _gather(column, rows) for column in rows[0][0]}, bad
+
+
+def _gather(column: str, rows: list[tuple[Mapping[str, np.ndarray], int]]) -> np.ndarray:
+    """One column of the rows ``(arrays, index)``, in order (object columns -- ragged VLM rows -- stay objects)."""
+    if rows[0][0][column].dtype == object:
+        out = np.empty(len(rows), dtype=object)
+        for position, (arrays, index) in enumerate(rows):
+            out[position] = arrays[column][index]
+        return out
+    return np.stack([arrays[column][index] for arrays, index in rows])
 
 
 def shuffle_seed(cfg: VEmbedConfig | Mapping[str, Any]) -> int:
@@ -313,6 +469,7 @@ def build_train_dataset(
     cfg: VEmbedConfig | Mapping[str, Any],
     bad_records: BadRecordCounter | None = None,
     epoch_clock: EpochClock | None = None,
+    cache: PreprocessedCache | None = None,
 ) -> ray.data.Dataset:
     """The training Dataset: rows in the model's batch layout (see :mod:`vembed.data.batching`), one per record.
 
@@ -324,6 +481,8 @@ def build_train_dataset(
         bad_records: counts records dropped under ``on_bad_record: skip`` (they are logged either way).
         epoch_clock: with ``shuffle: true``, the file and window orders of each execution are those of the epoch
             it shows (give the same clock to :func:`iter_train_batches`); without one they stay those of epoch 0.
+        cache: reuse the rows preprocessed in earlier executions (see :class:`PreprocessedCache` and
+            :func:`cache_budget`); None preprocesses every record in every execution.
 
     Text columns are padded to ``preprocessor.max_text_length``; consume the dataset with
     :func:`iter_train_batches` (or ``iter_torch_batches(collate_fn=collate_train_batch)``) to get batches padded
@@ -337,6 +496,7 @@ def build_train_dataset(
             "retrieval_mode": cfg.retrieval_mode,
             "on_bad_record": cfg.on_bad_record,
             "bad_records": bad_records,
+            "cache": cache,
         },
         batch_size=PREPROCESS_BATCH_ROWS,
         batch_format="pyarrow",
