@@ -9,6 +9,7 @@ global batch size. Cases:
     (b) local   vembed's TorchTrainer with num_workers=0 (the loop runs in this process, data from Ray Data)
     (c) ray-1   TorchTrainer, 1 worker
     (d) ray-2   TorchTrainer, 2 DDP workers, torch threads split so workers do not oversubscribe the cores
+    (n) ray-1   as (c) with ``cache_preprocessed: false``: streaming, every epoch preprocesses again (before/after)
     (s) seed    the seed API as a new user calls it: ``VEmbedFactoryTrainer(model).train(data, out, epochs=2,
                 batch_size=B)`` with every other setting at its default (1 worker, shuffling on)
 
@@ -178,9 +179,11 @@ def main() -> None:
         print(f"(a) {plain:.1f} samples/s; (a') {compute_only:.1f} samples/s", flush=True)
     cases = [("b", "(b) vembed num_workers=0", 0, cores), ("c", "(c) TorchTrainer 1 worker", 1, cores)]
     cases.append(("d", "(d) TorchTrainer 2 workers DDP", 2, max(1, cores // 2)))
+    cases.append(("n", "(n) TorchTrainer 1 worker, cache_preprocessed false", 1, cores))
     for letter, name, workers, threads in cases:
         if letter in args.cases:
-            rates[name], metrics = vembed_run(cfg, workers, threads, work / f"workers{workers}")
+            case_cfg = {**cfg, "cache_preprocessed": False} if letter == "n" else cfg
+            rates[name], metrics = vembed_run(case_cfg, workers, threads, work / f"workers{workers}{letter}")
             print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
     if "s" in args.cases:
         name = "(s) seed API, VEmbedFactoryTrainer(...).train"
@@ -210,6 +213,9 @@ def report(rates: dict[str, float], flops_per_step: float, peak: float, args: ar
     print("| b/a (goal >= 0.95) | c/a (goal >= 0.9) | d/c (as the cores allow) | seed/a (goal >= 0.9) |")
     print("|---|---|---|---|")
     print(f"| {b / plain:.2f} | {c / plain:.2f} | {d / c:.2f} | {seed / plain:.2f} |")
+    streaming = rates.get("(n) TorchTrainer 1 worker, cache_preprocessed false")
+    if streaming:
+        print(f"cache_preprocessed={args.cache} vs false, 1 worker: c/n = {c / streaming:.2f}")
 
 
 if __name__ == "__main__":

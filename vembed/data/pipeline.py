@@ -14,7 +14,10 @@ Stages; every one streams, so the data set may be far larger than memory::
                        actor pool: Ray reuses its worker processes across tasks, epochs and runs, so torch and the
                        preprocessor are loaded once per process (:class:`PickledPreprocessor`), whereas every
                        execution (every epoch) of an actor stage starts new actors. ``preprocess_tasks`` caps how
-                       many run at once
+                       many run at once. With a :class:`PreprocessedCache` (``cache_preprocessed``, sized by
+                       :func:`cache_budget`) the tasks look every record up first and reuse the row an earlier
+                       epoch made: the read stage and its (seed, epoch) order are unchanged, so cached epochs yield
+                       the streaming batches, and records past the cache's budget stream as before
 
 In each Train worker, :func:`iter_train_batches` turns ``ray.train.get_dataset_shard("train")`` into equal-sized
 torch batches in the model's layout (``drop_last=True``), trims the text padding back to the batch's longest text
