@@ -195,8 +195,8 @@ class _PreprocessedRows:
         if batch is not None and self._bytes + nbytes <= self._budget:
             self._bytes += nbytes
             holder = [ray.put(batch)]  # in a list: lookups hand out the reference, not the arrays
-            for index, key in enumerate(keys):
-                self._rows.setdefault(key, (holder, index))
+            for index, key in enumerate(keys):  # replaces an entry whose object was lost
+                self._rows[key] = (holder, index)
         for key, record in bad.items():
             self._rows.setdefault(key, (None, record))
 
