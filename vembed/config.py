@@ -78,6 +78,7 @@ class VEmbedConfig:
     shuffle: bool
     shuffle_seed: Optional[int]
     preprocess_tasks: Optional[int]
+    cache_preprocessed: Literal["auto", True, False]
     # optimisation
     output_dir: str
     epochs: int

@@ -14,7 +14,10 @@ Stages; every one streams, so the data set may be far larger than memory::
                        actor pool: Ray reuses its worker processes across tasks, epochs and runs, so torch and the
                        preprocessor are loaded once per process (:class:`PickledPreprocessor`), whereas every
                        execution (every epoch) of an actor stage starts new actors. ``preprocess_tasks`` caps how
-                       many run at once
+                       many run at once. With a :class:`PreprocessedCache` (``cache_preprocessed``, sized by
+                       :func:`cache_budget`) the tasks look every record up first and reuse the row an earlier
+                       epoch made: the read stage and its (seed, epoch) order are unchanged, so cached epochs yield
+                       the streaming batches, and records past the cache's budget stream as before
 
 In each Train worker, :func:`iter_train_batches` turns ``ray.train.get_dataset_shard("train")`` into equal-sized
 torch batches in the model's layout (``drop_last=True``), trims the text padding back to the batch's longest text
@@ -51,11 +54,11 @@ from ray import cloudpickle
 from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
 from vembed.config import VEmbedConfig, as_config
-from vembed.data.batching import FIXED_TEXT_LENGTH_KEY, build_batch, trim_text_padding
+from vembed.data.batching import FIXED_TEXT_LENGTH_KEY, BadRecord, build_batch, trim_text_padding
 from vembed.data.ragged import collate_rows, is_vlm_batch
 from vembed.data.readers import RECORD_EXTENSIONS, first_record, parse_record_file, resolve_record_files
 from vembed.data.records import SOURCE_FIELD, RecordSchema
-from vembed.data.run_state import BadRecordCounter, EpochClock
+from vembed.data.run_state import BadRecordCounter, EpochClock, PreprocessedCache, batch_nbytes
 
 RECORD_BLOCK_ROWS = 256
 """Records per block read from a file (a block is the unit one preprocessing task works on)."""
@@ -80,6 +83,32 @@ RECORD_ARROW_SCHEMA = pa.schema(
         (SOURCE_FIELD, pa.string()),
     ]
 )
+
+
+CACHE_OBJECT_STORE_FRACTION = 0.25
+"""Share of the cluster's object store that ``cache_preprocessed: auto`` may fill with preprocessed rows."""
+
+
+def cache_budget(
+    cfg: VEmbedConfig | Mapping[str, Any], num_records: int, preprocessor: Any, path: str | os.PathLike
+) -> float | None:
+    """Bytes of preprocessed rows to keep (``cache_preprocessed``), or None to stream every epoch.
+
+    ``true``: no limit (the object store spills to disk when full). ``auto``: a quarter of the cluster's object
+    store (:data:`CACHE_OBJECT_STORE_FRACTION`), and only when ``num_records`` rows of the size of the first
+    record's fit into it -- larger data sets stream. ``false``: None.
+    """
+    cfg = as_config(cfg)
+    if cfg.cache_preprocessed is False:
+        return None
+    if cfg.cache_preprocessed is True:
+        return float("inf")
+    budget = CACHE_OBJECT_STORE_FRACTION * ray.cluster_resources().get("object_store_memory", 0.0)
+    schema = RecordSchema.from_config(cfg)
+    record = first_record(path, schema)
+    batch, _ = build_batch([record], preprocessor, cfg.retrieval_mode, on_bad_record="skip", pad_to_max_length=True)
+    row_bytes = batch_nbytes(batch) if batch else 0
+    return budget if row_bytes * num_records <= budget else None
 
 
 def epoch_seed(seed: int, epoch: int, purpose: str) -> int:
@@ -185,19 +214,72 @@ def preprocess_records(
     retrieval_mode: str,
     on_bad_record: str,
     bad_records: BadRecordCounter | None,
+    cache: PreprocessedCache | None = None,
 ) -> dict[str, np.ndarray]:
     """``map_batches`` task function: a pyarrow batch of records -> model-input arrays, with this process's cached
-    preprocessor; dropped records go to ``bad_records``."""
+    preprocessor (rows found in ``cache`` are reused, see :class:`PreprocessedCache`); dropped records go to
+    ``bad_records``."""
     pre = preprocessor.get()
-    batch, bad = build_batch(
-        table.to_pylist(), pre, retrieval_mode, on_bad_record=on_bad_record, pad_to_max_length=True
-    )
+    records = table.to_pylist()
+    if cache is None:
+        batch, bad = build_batch(records, pre, retrieval_mode, on_bad_record=on_bad_record, pad_to_max_length=True)
+    else:
+        batch, bad = _through_cache(records, cache, pre, retrieval_mode, on_bad_record)
     if bad and bad_records is not None:
         bad_records.add(bad)
     if batch and getattr(pre, "text_padding", "longest") == "max_length":  # keep it: see trim_text_padding
         rows = len(next(iter(batch.values())))
         batch[FIXED_TEXT_LENGTH_KEY] = np.full(rows, pre.max_text_length, dtype=np.int64)
     return batch  # an empty dict (every record bad) adds no rows
+
+
+def _through_cache(
+    records: list[dict[str, Any]], cache: PreprocessedCache, pre: Any, retrieval_mode: str, on_bad_record: str
+) -> tuple[dict[str, np.ndarray], list[BadRecord]]:
+    """:func:`build_batch` of ``records``, its rows taken from ``cache`` where present (the misses are
+    preprocessed and offered to the cache): the same arrays and dropped records as without a cache."""
+    keys = [rec[SOURCE_FIELD] for rec in records]
+    found = cache.lookup(keys)
+    held = {entry[0][0].hex(): entry[0][0] for entry in found if entry is not None and entry[0] is not None}
+    try:
+        arrays = dict(zip(held, ray.get(list(held.values())), strict=True))
+    except ray.exceptions.RayError:  # a cached object was lost: preprocess these records again
+        found, arrays = [None] * len(records), {}
+    missing = [rec for rec, entry in zip(records, found, strict=True) if entry is None]
+    fresh, fresh_bad = {}, []
+    if missing:
+        fresh, fresh_bad = build_batch(
+            missing, pre, retrieval_mode, on_bad_record=on_bad_record, pad_to_max_length=True
+        )
+        dropped = {b.source for b in fresh_bad}
+        cache.add([rec[SOURCE_FIELD] for rec in missing if rec[SOURCE_FIELD] not in dropped], fresh, fresh_bad)
+    rows: list[tuple[Mapping[str, np.ndarray], int]] = []  # (arrays, row) of every kept record, in record order
+    bad: list[BadRecord] = []
+    fresh_bad_by_key = {b.source: b for b in fresh_bad}
+    next_fresh = 0
+    for key, entry in zip(keys, found, strict=True):
+        if entry is None and key in fresh_bad_by_key:
+            bad.append(fresh_bad_by_key[key])
+        elif entry is None:
+            rows.append((fresh, next_fresh))
+            next_fresh += 1
+        elif entry[0] is None:
+            bad.append(BadRecord(*entry[1]))
+        else:
+            rows.append((arrays[entry[0][0].hex()], entry[1]))
+    if not rows:
+        return {}, bad
+    return {column: _gather(column, rows) for column in rows[0][0]}, bad
+
+
+def _gather(column: str, rows: list[tuple[Mapping[str, np.ndarray], int]]) -> np.ndarray:
+    """One column of the rows ``(arrays, index)``, in order (object columns -- ragged VLM rows -- stay objects)."""
+    if rows[0][0][column].dtype == object:
+        out = np.empty(len(rows), dtype=object)
+        for position, (arrays, index) in enumerate(rows):
+            out[position] = arrays[column][index]
+        return out
+    return np.stack([arrays[column][index] for arrays, index in rows])
 
 
 def shuffle_seed(cfg: VEmbedConfig | Mapping[str, Any]) -> int:
@@ -230,6 +312,7 @@ def build_train_dataset(
     cfg: VEmbedConfig | Mapping[str, Any],
     bad_records: BadRecordCounter | None = None,
     epoch_clock: EpochClock | None = None,
+    cache: PreprocessedCache | None = None,
 ) -> ray.data.Dataset:
     """The training Dataset: rows in the model's batch layout (see :mod:`vembed.data.batching`), one per record.
 
@@ -241,6 +324,8 @@ def build_train_dataset(
         bad_records: counts records dropped under ``on_bad_record: skip`` (they are logged either way).
         epoch_clock: with ``shuffle: true``, the file and window orders of each execution are those of the epoch
             it shows (give the same clock to :func:`iter_train_batches`); without one they stay those of epoch 0.
+        cache: reuse the rows preprocessed in earlier executions (see :class:`PreprocessedCache` and
+            :func:`cache_budget`); None preprocesses every record in every execution.
 
     Text columns are padded to ``preprocessor.max_text_length``; consume the dataset with
     :func:`iter_train_batches` (or ``iter_torch_batches(collate_fn=collate_train_batch)``) to get batches padded
@@ -254,6 +339,7 @@ def build_train_dataset(
             "retrieval_mode": cfg.retrieval_mode,
             "on_bad_record": cfg.on_bad_record,
             "bad_records": bad_records,
+            "cache": cache,
         },
         batch_size=PREPROCESS_BATCH_ROWS,
         batch_format="pyarrow",

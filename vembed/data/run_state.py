@@ -1,16 +1,18 @@
 """Small run-wide state shared by a training run's driver, Ray Data tasks and Train workers.
 
-Two zero-CPU Ray actors, pinned to the driver's node, behind picklable handles: :class:`BadRecordCounter` (the
-records the pipeline dropped) and :class:`EpochClock` (the epoch a data set is being read for). This module
-imports nothing but Ray: an actor's process imports the module that defines its class, and a module that pulled
+Zero-CPU Ray actors, pinned to the driver's node, behind picklable handles: :class:`BadRecordCounter` (the
+records the pipeline dropped), :class:`EpochClock` (the epoch a data set is being read for) and
+:class:`PreprocessedCache` (preprocessed rows kept for later epochs). This module imports nothing but Ray and
+NumPy: an actor's process imports the module that defines its class, and a module that pulled
 in torch and transformers would cost every training run seconds of CPU per actor before it could start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -101,3 +103,80 @@ class EpochClock:
     def get(self) -> int:
         """The epoch last set (0 before any)."""
         return ray.get(self._actor.get.remote())
+
+
+@ray.remote(num_cpus=0)
+class _PreprocessedRows:
+    """Actor state behind :class:`PreprocessedCache`: record source -> (object holding its row, row index), or the
+    record's :class:`BadRecord` when it was dropped. The actor puts the objects itself, so it owns them and they
+    live as long as the run, whichever Data worker process preprocessed the rows."""
+
+    def __init__(self, budget_bytes: float) -> None:
+        self._rows: dict[str, tuple[list[Any], int] | tuple[None, tuple[str, str, str]]] = {}
+        self._budget = budget_bytes
+        self._bytes = 0
+
+    def lookup(self, keys: list[str]) -> list[Any]:
+        return [self._rows.get(key) for key in keys]
+
+    def room_for(self, nbytes: int) -> bool:
+        return self._bytes + nbytes <= self._budget
+
+    def add(
+        self, keys: list[str], batch: dict[str, Any] | None, nbytes: int, bad: dict[str, tuple[str, str, str]]
+    ) -> None:
+        if batch is not None and self._bytes + nbytes <= self._budget:
+            self._bytes += nbytes
+            holder = [ray.put(batch)]  # in a list: lookups hand out the reference, not the arrays
+            for index, key in enumerate(keys):  # replaces an entry whose object was lost
+                self._rows[key] = (holder, index)
+        for key, record in bad.items():
+            self._rows.setdefault(key, (None, record))
+
+    def stats(self) -> dict[str, float]:
+        cached = sum(1 for value in self._rows.values() if value[0] is not None)
+        return {"rows": cached, "bad": len(self._rows) - cached, "bytes": self._bytes, "budget": self._budget}
+
+
+class PreprocessedCache:
+    """Preprocessed rows kept in the object store after their first epoch, for later epochs to reuse.
+
+    A picklable handle to a zero-CPU actor pinned to the driver's node (like :class:`BadRecordCounter`). The
+    preprocessing tasks of :func:`build_train_dataset` look every record up by its source (file and line): a hit
+    is the row the first epoch made, a miss is preprocessed and added while fewer than ``budget_bytes`` are held.
+    The read stage is unchanged -- file, window and row order still come from (seed, epoch) through the
+    :class:`EpochClock` -- and rows are the same arrays preprocessing makes, so a cached epoch yields exactly the
+    batches a streaming epoch does; records past the budget stream as before. A record dropped as bad is
+    remembered as such and counted again in every epoch, as streaming counts it. Requires a running Ray instance.
+    """
+
+    def __init__(self, budget_bytes: float = float("inf")) -> None:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._actor = _PreprocessedRows.options(scheduling_strategy=here).remote(float(budget_bytes))
+
+    def lookup(self, keys: list[str]) -> list[Any]:
+        """Per key: ``([ref], row)`` for a cached row, ``(None, bad_record)`` for a dropped record, else None."""
+        return ray.get(self._actor.lookup.remote(keys))
+
+    def add(self, keys: list[str], batch: Mapping[str, np.ndarray], bad: Sequence[BadRecord]) -> None:
+        """Keep ``batch`` (rows of the records ``keys``, in order) when it fits the budget; remember ``bad``."""
+        nbytes = batch_nbytes(batch) if batch else 0
+        keep = bool(batch) and ray.get(self._actor.room_for.remote(nbytes))  # past the budget: no copy is sent
+        if keep or bad:
+            bad_by_key = {b.source: tuple(b) for b in bad}
+            ray.get(self._actor.add.remote(keys, dict(batch) if keep else None, nbytes, bad_by_key))
+
+    def stats(self) -> dict[str, float]:
+        """Rows and dropped records held, bytes used and the budget."""
+        return ray.get(self._actor.stats.remote())
+
+
+def batch_nbytes(batch: Mapping[str, np.ndarray]) -> int:
+    """Bytes of a preprocessed batch (ragged VLM rows: the sum of their arrays)."""
+    total = 0
+    for value in batch.values():
+        if value.dtype == object:
+            total += sum(np.asarray(item).nbytes for item in value)
+        else:
+            total += value.nbytes
+    return total

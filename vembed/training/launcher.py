@@ -149,10 +149,18 @@ def check_cluster_fits(config: VEmbedConfig, use_gpu: bool) -> None:
         )
 
 
-def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any, Any]:
+def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any, Any, Any]:
     """The Ray Data pipelines ``{"train": ..., "val": ...}``, the number of training records, the counter of
-    records skipped as bad and the training set's epoch clock (the workers set it, see ``EpochClock``)."""
-    from vembed.data.pipeline import BadRecordCounter, EpochClock, build_train_dataset, read_record_dataset
+    records skipped as bad, the training set's epoch clock (the workers set it, see ``EpochClock``) and its cache
+    of preprocessed rows (None when ``cache_preprocessed`` decided to stream, see ``cache_budget``)."""
+    from vembed.data.pipeline import (
+        BadRecordCounter,
+        EpochClock,
+        PreprocessedCache,
+        build_train_dataset,
+        cache_budget,
+        read_record_dataset,
+    )
     from vembed.data.processing import Preprocessor
 
     if config.data_path is None:
@@ -161,7 +169,10 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any, Any]
     num_records = read_record_dataset(config.data_path, config).count()
     bad_records = BadRecordCounter()
     epoch_clock = EpochClock()
-    datasets = {"train": build_train_dataset(config.data_path, preprocessor, config, bad_records, epoch_clock)}
+    budget = cache_budget(config, num_records, preprocessor, config.data_path)
+    cache = PreprocessedCache(budget) if budget is not None else None
+    logger.info("preprocessed rows: %s", "streamed every epoch" if cache is None else f"cached up to {budget:.3g} B")
+    datasets = {"train": build_train_dataset(config.data_path, preprocessor, config, bad_records, epoch_clock, cache)}
     if config.val_data_path is not None:
         val_config = config.replace(shuffle=False)
         datasets["val"] = build_train_dataset(config.val_data_path, preprocessor, val_config, bad_records)
@@ -169,11 +180,16 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any, Any]
         # A bad record (on_bad_record: fail) must reach the user as itself, "bad record 'x' at file:line: ...",
         # not as Ray Data's generic "UDF failed" (the worker re-raises it, see worker.ShardLoader).
         dataset.context.raise_original_map_exception = True
-    return datasets, num_records, bad_records, epoch_clock
+    return datasets, num_records, bad_records, epoch_clock, cache
 
 
 def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
     """A ready ``TorchTrainer`` for ``config`` (connects to Ray and checks the cluster first)."""
+    return _build_trainer(config)[0]
+
+
+def _build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> tuple[TorchTrainer, Any]:
+    """:func:`build_trainer`, and the training set's cache of preprocessed rows (or None)."""
     cfg = resolve_run_paths(as_config(config))
     check_sources(cfg)
     ensure_ray(cfg)
@@ -185,7 +201,7 @@ def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
         check_cluster_fits(cfg, use_gpu)
     from vembed.data.pipeline import train_ingest_options
 
-    datasets, num_records, bad_records, epoch_clock = build_datasets(cfg)
+    datasets, num_records, bad_records, epoch_clock, cache = build_datasets(cfg)
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.num_workers,
         use_gpu=use_gpu,
@@ -198,7 +214,7 @@ def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
     )
-    return TorchTrainer(
+    trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=make_loop_config(cfg, num_records, bad_records, epoch_clock),
         scaling_config=scaling,
@@ -206,6 +222,7 @@ def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=train_ingest_options()),
     )
+    return trainer, cache
 
 
 def run_training(config: VEmbedConfig | Mapping[str, Any]) -> ray.train.Result:
@@ -217,10 +234,20 @@ def run_training(config: VEmbedConfig | Mapping[str, Any]) -> ray.train.Result:
     raises Ray Train's ``TrainingFailedError``.
     """
     try:
-        result = build_trainer(config).fit()  # build_trainer counts the records in Ray Data tasks: inside too
+        trainer, cache = _build_trainer(config)  # counts the records in Ray Data tasks: inside the try too
+        result = trainer.fit()
     except Exception as exc:
         logger.debug("training failed", exc_info=exc)  # Ray's full report, for whoever turns on debug logging
         raise_user_error(exc)
         raise
     logger.debug("training finished: %s", result.metrics)  # the progress summary and the CLI show them
+    if cache is not None:
+        stats = cache.stats()
+        logger.info(
+            "preprocessed-row cache: %d rows and %d dropped records held, %.3g of %.3g bytes",
+            stats["rows"],
+            stats["bad"],
+            stats["bytes"],
+            stats["budget"],
+        )
     return result

@@ -58,6 +58,7 @@ from vembed.training.distributed import (
 from vembed.training.grad_cache import GradCache
 from vembed.training.optimizer_builder import add_missing_parameters
 from vembed.training.progress import ProgressPrinter
+from vembed.training.step_timing import StepTimes
 from vembed.training.tracking import Trackers
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ class Trainer:
             self._backward(loss / self.config.gradient_accumulation_steps)
         return loss.detach()
 
-    def _optimizer_step(self, window: int) -> float:
+    def _optimizer_step(self, window: int) -> Tensor | float:
         """Clip, step and zero; ``window`` micro-batches contributed (fewer than configured at an epoch's end)."""
         accumulation = self.config.gradient_accumulation_steps
         if window != accumulation:  # the loss was divided by the configured count: rescale to a mean
@@ -300,7 +301,7 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
-        return float(grad_norm)
+        return grad_norm.detach() if isinstance(grad_norm, Tensor) else grad_norm  # read at report time: no sync
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -316,13 +317,17 @@ class Trainer:
             self._run_epoch(epoch)
             self.progress = TrainingProgress(epoch=epoch + 1, batches_done=0, step=self.progress.step)
             metrics = self._metrics(epoch)
+            times = self._window.times
             if self.val_dataloader is not None and cfg.eval_steps == 0:
-                metrics.update(self.evaluate())
-            checkpoint = save_user_checkpoint(
-                self.model, self.output_dir / f"checkpoint-epoch-{epoch + 1}", cfg, self.model_factory
-            )
-            if self.rank == 0:
-                update_model_card(checkpoint, cfg, metrics)  # base model, data and this epoch's metrics
+                with times.phase("validation"):
+                    metrics.update(self.evaluate())
+            with times.phase("checkpoint"):
+                checkpoint = save_user_checkpoint(
+                    self.model, self.output_dir / f"checkpoint-epoch-{epoch + 1}", cfg, self.model_factory
+                )
+                if self.rank == 0:
+                    card_metrics = {k: v for k, v in metrics.items() if not k.startswith("time_")}
+                    update_model_card(checkpoint, cfg, card_metrics)  # base model, data and this epoch's metrics
             self._report(metrics, with_checkpoint=True)
         self._trackers.close()
         if cfg.push_to_hub and self.rank == 0 and cfg.epochs > 0:
@@ -339,19 +344,35 @@ class Trainer:
         skip = self.progress.batches_done if epoch == self.progress.epoch else 0
         window = 0
         self.progress.epoch = epoch
-        for index, (batch, last) in enumerate(_with_last_flag(self.dataloader)):
+        times = self._window.times
+        batches = enumerate(_with_last_flag(self.dataloader))
+        waited_for = "epoch_start"
+        while True:
+            start = time.perf_counter()
+            item = next(batches, None)
+            moved = time.perf_counter()
+            times.add(waited_for, moved - start)
+            waited_for = "data_wait"
+            if item is None:
+                break
+            index, (batch, last) = item
             if index < skip:
                 continue  # trained on before the checkpoint we resumed from
             torch.manual_seed(_micro_batch_seed(cfg.seed, epoch, index, self.rank))  # dropout: the same on resume
             batch = _to_device(batch, self.device)
+            computed = time.perf_counter()
+            times.add("to_device", computed - moved)
             window += 1
             sync = window == cfg.gradient_accumulation_steps or last
             loss = self._micro_step(batch, sync)
             self._window.add(loss, _batch_rows(batch))
             self.progress.batches_done = index + 1
+            stepped = time.perf_counter()
+            times.add("forward_backward", stepped - computed)
             if sync:
                 self._window.grad_norm = self._optimizer_step(window)
                 window = 0
+                times.add("optimizer", time.perf_counter() - stepped)
                 self._after_step(epoch)
         if self.progress.batches_done == 0:
             raise ValueError(
@@ -368,11 +389,14 @@ class Trainer:
         if cfg.logging_steps > 0 and step % cfg.logging_steps == 0:
             metrics = self._metrics(epoch)
         if self.val_dataloader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0:
-            metrics = {**(metrics or self._metrics(epoch)), **self.evaluate()}
+            metrics = metrics or self._metrics(epoch)
+            with self._window.times.phase("validation"):
+                metrics.update(self.evaluate())
         checkpoint = cfg.save_steps > 0 and step % cfg.save_steps == 0
         if checkpoint:
-            save_user_checkpoint(self.model, self.output_dir / f"checkpoint-step-{step}", cfg, self.model_factory)
             metrics = metrics or self._metrics(epoch)
+            with self._window.times.phase("checkpoint"):
+                save_user_checkpoint(self.model, self.output_dir / f"checkpoint-step-{step}", cfg, self.model_factory)
         if metrics:
             self._report(metrics, with_checkpoint=checkpoint)
 
@@ -395,19 +419,20 @@ class Trainer:
     # -- metrics, validation, reporting -----------------------------------------------------------
     def _metrics(self, epoch: int) -> dict[str, Any]:
         """Loss (mean over ranks and steps since the last report), lr, samples/s and progress."""
-        loss, samples_per_s = _mean_across_ranks(list(self._window.flush()), self.device)
+        loss, samples_per_s, times = self._window.flush()
+        loss, samples_per_s = _mean_across_ranks([loss, samples_per_s], self.device)
         metrics = {
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": samples_per_s * self.world_size,
-            "grad_norm": self._window.grad_norm,
+            "grad_norm": float(self._window.grad_norm),
             "epoch": epoch + 1,
             "step": self.progress.step,
             "world_size": self.world_size,
         }
         if self.bad_records is not None:
             metrics["bad_records"] = self.bad_records()
-        return {**metrics, **self.run_info}
+        return {**metrics, **times, **self.run_info}  # times: this rank's (see vembed.training.step_timing)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -449,6 +474,10 @@ class Trainer:
 
     def _report(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
         """Hand metrics to Ray Train (with a resume checkpoint when asked), accelerate or the log."""
+        with self._window.times.phase("checkpoint" if with_checkpoint else "reporting"):
+            self._report_now(metrics, with_checkpoint)
+
+    def _report_now(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
         self.history.append(metrics)
         if self._printer is not None:
             self._printer.report(metrics)  # the readable line (rank 0); the full dict goes to the debug log
@@ -495,11 +524,12 @@ class Trainer:
 
 
 class _MetricWindow:
-    """Loss and throughput accumulated since the last report."""
+    """Loss, throughput and the time per loop phase accumulated since the last report."""
 
     def __init__(self) -> None:
-        self.grad_norm = 0.0
-        self._last = (float("nan"), 0.0)
+        self.grad_norm: Tensor | float = 0.0
+        self.times = StepTimes()
+        self._last: tuple[float, float, dict[str, float]] = (float("nan"), 0.0, {})
         self._reset()
 
     def _reset(self) -> None:
@@ -507,18 +537,20 @@ class _MetricWindow:
         self._batches = 0
         self._samples = 0
         self._start = time.perf_counter()
+        self.times.reset()
 
     def add(self, loss: Tensor, samples: int) -> None:
         self._loss_sum = self._loss_sum + loss.detach().double()
         self._batches += 1
         self._samples += samples
 
-    def flush(self) -> tuple[float, float]:
-        """(mean loss, samples/s of this rank) since the last flush, or the previous values when no step
-        happened since (an epoch-end report right after a logging step); resets the window."""
+    def flush(self) -> tuple[float, float, dict[str, float]]:
+        """(mean loss, samples/s of this rank, its time per phase) since the last flush, or the previous values
+        when no step happened since (an epoch-end report right after a logging step); resets the window."""
         if self._batches:
             elapsed = max(time.perf_counter() - self._start, 1e-9)
-            self._last = (float(self._loss_sum) / self._batches, self._samples / elapsed)
+            loss = float(self._loss_sum) / self._batches
+            self._last = (loss, self._samples / elapsed, self.times.as_metrics(elapsed))
         self._reset()
         return self._last
 

@@ -1,0 +1,159 @@
+"""``cache_preprocessed``: later epochs reuse the rows the first one preprocessed, and change nothing else.
+
+Pipeline-level checks on the session Ray (cached batches equal streaming ones, per epoch, after a resume, with bad
+records and past the budget), the ``auto`` decision, and one real Ray Train run through the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from vembed.config import ConfigError, as_config
+from vembed.data.pipeline import (
+    BadRecordCounter,
+    EpochClock,
+    PreprocessedCache,
+    build_train_dataset,
+    cache_budget,
+    iter_train_batches,
+)
+from vembed.data.processing import Preprocessor
+from vembed.testing import make_shapes_dataset
+
+CFG = {"retrieval_mode": "t2i", "shuffle": True, "shuffle_seed": 5}
+
+
+@pytest.fixture(scope="module")
+def clip_pre(tiny_clip_dir) -> Preprocessor:
+    return Preprocessor.from_pretrained(tiny_clip_dir)
+
+
+def mixed_records(root: Path, num_good: int = 22) -> Path:
+    """``num_good`` t2i records with 3 bad ones (missing, not an image, truncated) mixed in, in two files (so the
+    file order is shuffled too)."""
+    paths = make_shapes_dataset(root, num_train=num_good, num_val=0, num_test=0, num_negatives=1)
+    records = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    (root / "notes.jpg").write_text("not an image")
+    (root / "truncated.jpg").write_bytes(Path(records[0]["positive"]).read_bytes()[:150])
+    for i, image in enumerate(["missing.jpg", "notes.jpg", "truncated.jpg"]):
+        records.insert(5 + 7 * i, {**records[i], "id": f"bad-{i}", "positive": str(root / image)})
+    data = root / "records"
+    data.mkdir()
+    half = len(records) // 2
+    for name, part in (("a.jsonl", records[:half]), ("b.jsonl", records[half:])):
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return data
+
+
+def epoch_batches(ds, clock, epoch: int) -> list[dict[str, torch.Tensor]]:
+    return list(iter_train_batches(ds, batch_size=4, cfg=CFG, epoch=epoch, epoch_clock=clock))
+
+
+def assert_same_batches(got: list[dict[str, torch.Tensor]], expected: list[dict[str, torch.Tensor]]) -> None:
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), "every tensor of every batch is the streaming one"
+
+
+@pytest.mark.ray
+def test_cached_epochs_yield_the_streaming_batches_bad_counts_and_resume(ray_local, tmp_path, clip_pre):
+    data = mixed_records(tmp_path)
+
+    def run(cache):
+        clock, counter = EpochClock(), BadRecordCounter()
+        ds = build_train_dataset(data, clip_pre, CFG, bad_records=counter, epoch_clock=clock, cache=cache)
+        return ds, clock, counter
+
+    streaming, s_clock, s_bad = run(None)
+    expected = [epoch_batches(streaming, s_clock, epoch) for epoch in (0, 1)]
+    assert s_bad.total() == 6  # 3 bad records, counted in each epoch
+    assert [len(b) for b in expected] == [5, 5]  # 22 good rows: 5 full batches of 4
+
+    cache = PreprocessedCache()
+    cached, c_clock, c_bad = run(cache)
+    assert_same_batches(epoch_batches(cached, c_clock, 0), expected[0])  # the epoch that fills the cache
+    assert cache.stats()["rows"] == 22 and cache.stats()["bad"] == 3
+    assert c_bad.total() == 3
+
+    # A resumed driver (new clock, new, empty cache) starting at epoch 1 sees epoch 1's exact batches.
+    resumed, r_clock, _ = run(PreprocessedCache())
+    assert_same_batches(epoch_batches(resumed, r_clock, 1), expected[1])
+
+    # With the images gone, only the cache can still produce the rows: epoch 1 comes from it, reshuffled by
+    # (seed, epoch) as streaming reshuffles it, and its bad records are counted again, as streaming counts them.
+    shutil.move(tmp_path / "images", tmp_path / "images-moved")
+    try:
+        assert_same_batches(epoch_batches(cached, c_clock, 1), expected[1])
+        assert c_bad.total() == s_bad.total() == 6
+        assert cache.stats()["rows"] == 22
+    finally:
+        shutil.move(tmp_path / "images-moved", tmp_path / "images")
+
+
+@pytest.mark.ray
+def test_data_larger_than_the_cache_budget_still_streams_the_same_batches(ray_local, tmp_path, clip_pre):
+    data = mixed_records(tmp_path, num_good=70)  # 73 records: three preprocessing calls of up to 32
+    clock = EpochClock()
+    streaming = build_train_dataset(data, clip_pre, CFG, epoch_clock=clock)
+    expected = [epoch_batches(streaming, clock, epoch) for epoch in (0, 1)]
+
+    row_bytes = sum(t[0].numel() * t.element_size() for t in expected[0][0].values())  # about one row
+    cache = PreprocessedCache(budget_bytes=40 * row_bytes)  # room for one call's rows, not for 70
+    clock = EpochClock()
+    partly = build_train_dataset(data, clip_pre, CFG, epoch_clock=clock, cache=cache)
+    for epoch in (0, 1):
+        assert_same_batches(epoch_batches(partly, clock, epoch), expected[epoch])
+    stats = cache.stats()
+    assert 0 < stats["rows"] < 70 and stats["bytes"] <= stats["budget"], stats
+
+
+@pytest.mark.ray
+def test_auto_caches_what_fits_a_share_of_the_object_store_and_streams_the_rest(ray_local, shapes_t2i, clip_pre):
+    path = shapes_t2i["train"]
+    auto = as_config({**CFG, "cache_preprocessed": "auto"})
+    budget = cache_budget(auto, 100, clip_pre, path)
+    store = ray_local.cluster_resources()["object_store_memory"]
+    assert budget == pytest.approx(0.25 * store)
+    assert cache_budget(auto, int(store), clip_pre, path) is None  # far more rows than fit: stream
+    assert cache_budget(as_config({**CFG, "cache_preprocessed": True}), int(store), clip_pre, path) == float("inf")
+    assert cache_budget(as_config({**CFG, "cache_preprocessed": False}), 100, clip_pre, path) is None
+
+
+@pytest.mark.unit
+def test_cache_preprocessed_is_auto_true_or_false():
+    assert as_config({}).cache_preprocessed == "auto"
+    assert as_config({"cache_preprocessed": True}).cache_preprocessed is True
+    with pytest.raises(ConfigError, match="cache_preprocessed"):
+        as_config({"cache_preprocessed": "sometimes"})
+
+
+@pytest.mark.ray
+def test_a_ray_train_run_reads_its_later_epochs_from_the_cache(ray_local, tiny_clip_dir, tmp_path, caplog):
+    from vembed.training.launcher import run_training
+
+    data = mixed_records(tmp_path, num_good=13)
+    cfg = {
+        **CFG,
+        "model_name": str(tiny_clip_dir),
+        "data_path": str(data),
+        "output_dir": str(tmp_path / "out"),
+        "batch_size": 4,
+        "epochs": 2,
+        "num_workers": 1,
+        "torch_threads": 1,
+        "cache_preprocessed": True,
+        "mixed_precision": "no",
+    }
+    with caplog.at_level(logging.INFO, logger="vembed.training.launcher"):
+        result = run_training(cfg)
+    assert result.error is None and result.metrics["step"] == 6  # 13 good rows: 3 batches of 4 per epoch
+    assert result.metrics["bad_records"] == 6  # 3 bad records, counted in each epoch as streaming counts them
+    assert "preprocessed-row cache: 13 rows and 3 dropped records held" in caplog.text
+    assert result.metrics["time_window_s"] > 0 and result.metrics["time_forward_backward_s"] > 0
