@@ -247,6 +247,17 @@ def test_block_rows_grow_with_the_corpus_up_to_eight_shards():
 
 
 @pytest.mark.unit
+def test_the_job_waits_for_its_pools_only_where_the_cluster_holds_them():
+    from vembed.batch.pipeline import ActorPool, min_decoders, pools_fit
+
+    two = ActorPool(2, 2, 0.0, max_decoders=4)
+    assert min_decoders(two) == 2 and min_decoders(ActorPool(2, 2, 0.0, max_decoders=1)) == 1
+    assert pools_fit(two, "image", {"CPU": 4}) and not pools_fit(two, "image", {"CPU": 3})
+    assert pools_fit(two, "text", {"CPU": 2})  # texts have no decode stage
+    assert not pools_fit(ActorPool(2, 4, 1.0), "text", {"CPU": 32, "GPU": 1})
+
+
+@pytest.mark.unit
 def test_actor_pool_defaults_follow_the_cluster():
     gpu = resolve_actor_pool(None, None, None, None, None, {"CPU": 32, "GPU": 4})
     assert (gpu.min_size, gpu.max_size, gpu.num_gpus, gpu.max_decoders) == (1, 4, 1.0, 28)

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from vembed.batch.options import DTYPES, FORMATS, MODALITIES
-from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset, check_instruction
+from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset, check_instruction, pools_fit
 from vembed.batch.progress import JobProgress
 from vembed.batch.shards import plan_shards
 from vembed.batch.sources import Listing, list_corpus
@@ -139,7 +139,15 @@ def embed_corpus(
         rows_per_block = block_rows(progress.pending_rows, batch_size, shard_size, pool.max_size + pool.max_decoders)
         items = pending_blocks(listing, done, shard_size, rows_per_block)
         writer = FragmentWriter(store, shard_size, num_items, format)
-        dataset = build_dataset(items, modality, model["model_path"], pool, batch_size, dtype, dim, writer, instruction)
+        wait = pools_fit(pool, modality, cluster)
+        if not wait:
+            logger.warning(
+                "the cluster cannot hold %d model actors and their decoders now; work starts on those that are up",
+                pool.min_size,
+            )
+        dataset = build_dataset(
+            items, modality, model["model_path"], pool, batch_size, dtype, dim, writer, instruction, wait
+        )
         _follow(dataset, store, manifest, progress)
         unfinished = sorted(s.index for s in pending if not store.is_complete(s))
         if unfinished:
