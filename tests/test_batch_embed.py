@@ -239,11 +239,11 @@ def test_progress_counts_shards_rows_errors_and_ranges():
 
 
 @pytest.mark.unit
-def test_block_rows_grow_with_the_corpus_up_to_eight_shards():
+def test_block_rows_grow_with_the_corpus_up_to_a_shard():
     assert block_rows(100, batch_size=64, shard_size=4096, workers=3) == 64
-    assert block_rows(20_000, batch_size=64, shard_size=4096, workers=3) == 1728  # 12 blocks
-    assert block_rows(200_000, batch_size=64, shard_size=4096, workers=3) == 16704  # still 12 blocks
-    assert block_rows(10**9, batch_size=64, shard_size=4096, workers=300) == 8 * 4096
+    assert block_rows(20_000, batch_size=64, shard_size=4096, workers=3) == 1728
+    assert block_rows(200_000, batch_size=64, shard_size=4096, workers=3) == 4096
+    assert block_rows(10**9, batch_size=64, shard_size=4096, workers=300) == 4096
 
 
 @pytest.mark.unit

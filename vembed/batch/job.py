@@ -222,20 +222,12 @@ def _follow(dataset: Any, store: OutputStore, manifest: dict[str, Any], progress
             last_print = now
 
 
-#: the most shards' worth of rows in one pipeline input block (one model task): bounds the work a retried task redoes
-#: and the time between a task's progress reports
-MAX_SHARDS_PER_BLOCK = 8
-
-
 def block_rows(pending_rows: int, batch_size: int, shard_size: int, workers: int) -> int:
     """Rows per pipeline input block: about four blocks per decode/model worker so all start at once, a multiple of
-    the model batch, at most ``MAX_SHARDS_PER_BLOCK`` shards (and at least a batch).
-
-    The driver's cost is per block, not per row: each model task costs Ray Data's executor in the driver tens of
-    milliseconds of CPU (measured: about 40 ms), so the number of blocks stays at ``4 * workers`` until the corpus
-    reaches ``4 * workers * MAX_SHARDS_PER_BLOCK`` shards, and grows slowly past that."""
+    the model batch, at most a shard (and at least a batch): the number of blocks, and so the driver's scheduling
+    work, stops growing with the corpus once blocks are shard-sized."""
     target = math.ceil(pending_rows / max(1, 4 * workers))
-    rows = max(batch_size, min(target, MAX_SHARDS_PER_BLOCK * shard_size))
+    rows = max(batch_size, min(target, shard_size))
     return math.ceil(rows / batch_size) * batch_size
 
 
