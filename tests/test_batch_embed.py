@@ -247,6 +247,17 @@ def test_block_rows_grow_with_the_corpus_up_to_a_shard():
 
 
 @pytest.mark.unit
+def test_the_job_waits_for_its_pools_only_where_the_cluster_holds_them():
+    from vembed.batch.pipeline import ActorPool, min_decoders, pools_fit
+
+    two = ActorPool(2, 2, 0.0, max_decoders=4)
+    assert min_decoders(two) == 2 and min_decoders(ActorPool(2, 2, 0.0, max_decoders=1)) == 1
+    assert pools_fit(two, "image", {"CPU": 4}) and not pools_fit(two, "image", {"CPU": 3})
+    assert pools_fit(two, "text", {"CPU": 2})  # texts have no decode stage
+    assert not pools_fit(ActorPool(2, 4, 1.0), "text", {"CPU": 32, "GPU": 1})
+
+
+@pytest.mark.unit
 def test_actor_pool_defaults_follow_the_cluster():
     gpu = resolve_actor_pool(None, None, None, None, None, {"CPU": 32, "GPU": 4})
     assert (gpu.min_size, gpu.max_size, gpu.num_gpus, gpu.max_decoders) == (1, 4, 1.0, 28)
@@ -358,10 +369,54 @@ def test_bad_files_are_listed_exactly_in_errors(image_run, mixed_corpus):
     assert manifest["embedding_dim"] == 32 and manifest["normalize"] is True
 
 
+@pytest.mark.ray
+def test_output_of_manifest_version_1_resumes_and_a_different_job_there_is_refused(
+    image_run, mixed_corpus, tiny_clip_dir, tmp_path, capsys
+):
+    """A folder as the driver-written version left it (manifest version 1: the sha256 of the ordered ids, no
+    progress) is resumed when it holds the same job: its shards are kept, not rewritten, and the manifest becomes
+    this version's. Holding another corpus, it is refused at the CLI with one line naming the difference, exit 2."""
+    import hashlib
+
+    from vembed.batch import embed_corpus, read_manifest
+    from vembed.batch.cli import main
+    from vembed.batch.job import MANIFEST_VERSION
+
+    old = tmp_path / "v1"
+    shutil.copytree(image_run["output"], old)
+    current = json.loads((old / "_manifest.json").read_text())
+    listed = [json.loads(line)["id"] for line in mixed_corpus["manifest"].read_text().splitlines()]
+    job = {key: value for key, value in current["job"].items() if key != "ids_digest"}
+    runs = [{"started": "2026-11-30T10:00:00+00:00", "rows": 25, "shards_written": 4, "shards_skipped": 0}]
+    v1 = {"version": 1, "model": current["model"], "runs": runs, "status": "complete", "counts": current["counts"]}
+    stamps = {p.name: p.stat().st_mtime_ns for p in (old / "embeddings").iterdir()}
+
+    (old / "_manifest.json").write_text(json.dumps({**v1, "job": {**job, "ids_sha256": "0" * 64}}))
+    argv = ["--model", str(tiny_clip_dir), "--input", str(mixed_corpus["manifest"]), "--output", str(old)]
+    argv += ["--num-actors=2", "--max-decoders=1", "--batch-size=4", "--shard-size=8"]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "older vembed (manifest version 1; differs in: ids)" in line and "--overwrite" in line
+
+    digest = hashlib.sha256("".join(f"{i}\n" for i in listed).encode()).hexdigest()  # what version 1 recorded
+    (old / "_manifest.json").write_text(json.dumps({**v1, "job": {**job, "ids_sha256": digest}}))
+    summary = embed_corpus(
+        str(tiny_clip_dir), str(mixed_corpus["manifest"]), str(old), num_actors=2, batch_size=4, shard_size=8
+    )
+    assert (summary["shards_skipped"], summary["shards_written"], summary["embedded"]) == (4, 0, 22)
+    assert {p.name: p.stat().st_mtime_ns for p in (old / "embeddings").iterdir()} == stamps, "kept, not rewritten"
+    manifest = read_manifest(str(old))
+    assert manifest["version"] == MANIFEST_VERSION and manifest["upgraded_from_version"] == 1
+    assert manifest["job"] == current["job"] and manifest["runs"][0] == runs[0] and len(manifest["runs"]) == 2
+    assert read_embeddings(str(old)).equals(read_embeddings(str(image_run["output"])))
+
+
 @pytest.fixture(scope="module")
 def text_run(ray_local, tiny_bert_dir, shapes_t2i, tmp_path_factory) -> dict:
-    """A text corpus (with one blank text) embedded by a driver that kills itself after 2 of its 9 shards, in a
-    subprocess, then by a rerun in this process."""
+    """A text corpus (with one blank text) embedded by a driver in a subprocess that this fixture SIGKILLs once the
+    manifest it keeps up to date shows a finished shard (of 9), then by a rerun in this process."""
+    import time
+
     from vembed.batch import embed_corpus
     from vembed.model import EmbeddingModel
 
@@ -373,15 +428,27 @@ def text_run(ray_local, tiny_bert_dir, shapes_t2i, tmp_path_factory) -> dict:
     manifest.write_text("".join(json.dumps({"id": r["id"], "query": r["query"]}) + "\n" for r in records))
     options = dict(modality="text", source_column="query", dim=16, batch_size=4, shard_size=8, num_actors=1)
     command = [sys.executable, "-m", "vembed.batch.cli", "--model", str(checkpoint), "--input", str(manifest)]
-    command += ["--output", str(output), "--fail-after-shards", "2"]
-    command += [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
+    command += ["--output", str(output)] + [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest_path, seen = output / "_manifest.json", None
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            seen = json.loads(manifest_path.read_text()) if manifest_path.exists() else None  # replaced atomically
+            if seen and seen["progress"]["shards_done"] >= 1:
+                break
+            time.sleep(0.05)
+        on_disk = sorted(p.name for p in (output / "embeddings").glob("part-*.parquet"))
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        logs = driver.communicate(timeout=60)[0]
     state = {
-        "returncode": killed.returncode,
-        "stderr": killed.stderr[-3000:],
+        "returncode": driver.returncode,
+        "logs": logs[-3000:],
+        "seen": seen,
+        "on_disk": on_disk,  # just before the kill
         "parts_after_kill": sorted(p.name for p in (output / "embeddings").glob("part-*.parquet")),
-        "status_after_kill": json.loads((output / "_manifest.json").read_text())["status"],
     }
     (output / "embeddings" / ".part-00004.parquet.tmp-0123").write_bytes(b"half a file, as a crash leaves it")
     summary = embed_corpus(str(checkpoint), str(manifest), str(output), **options)
@@ -390,13 +457,23 @@ def text_run(ray_local, tiny_bert_dir, shapes_t2i, tmp_path_factory) -> dict:
 
 @pytest.mark.ray
 def test_killed_driver_then_rerun_writes_every_id_exactly_once(text_run):
+    """The driver is SIGKILLed mid-job; the manifest it kept named only shards that were on disk, and the rerun
+    skips exactly the finished shards and writes each id once (the vectors: the next test)."""
     from vembed.batch import read_errors, read_manifest
     from vembed.inference import VEmbedFactoryPredictor
 
-    assert text_run["returncode"] == -signal.SIGKILL, text_run["stderr"]
-    # The driver died once it had seen 2 shards finish; workers finish shards on their own, so a few more may be.
+    assert text_run["returncode"] == -signal.SIGKILL, text_run["logs"]
+    seen = text_run["seen"]
+    assert seen is not None and seen["status"] == "running", text_run["logs"]
+    assert 1 <= seen["progress"]["shards_done"] < 9, "the kill must come mid-job"
+    listed = {
+        f"part-{i:05d}.parquet" for first, last in seen["progress"]["done_shards"] for i in range(first, last + 1)
+    }
+    assert listed <= set(text_run["on_disk"]), "every shard the manifest called done was on disk"
+    assert seen["progress"]["rows_pending"] == len(text_run["records"]) and seen["progress"]["shards_total"] == 9
+    # Workers finish shards on their own until the job's actors go, so a few more than the manifest said may be done.
     killed_with = len(text_run["parts_after_kill"])
-    assert 2 <= killed_with < 9 and text_run["status_after_kill"] == "running"
+    assert 1 <= killed_with < 9
     output = str(text_run["output"])
     ids = read_embeddings(output).column("id").to_pylist() + read_errors(output).column("id").to_pylist()
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(r["id"] for r in text_run["records"])  # no gaps
@@ -407,6 +484,7 @@ def test_killed_driver_then_rerun_writes_every_id_exactly_once(text_run):
         9 - killed_with,
     )
     assert not list(Path(output).rglob(".*tmp*")), "the crash's temporary file must be cleaned up"
+    assert not (Path(output) / "_fragments").exists() or not list((Path(output) / "_fragments").iterdir())
     manifest = read_manifest(output)
     assert manifest["status"] == "complete" and [run["shards_written"] for run in manifest["runs"]] == [9 - killed_with]
     assert manifest["progress"]["shards_done"] == 9 and manifest["progress"]["done_shards"] == [[0, 8]]
@@ -477,62 +555,3 @@ def test_listing_in_ray_tasks_matches_the_in_process_reader(ray_local, tmp_path,
         list_corpus(str(dup))
     with pytest.raises(CorpusError, match="no id column.*--id-column"):
         list_corpus(str(dup), id_column="key")
-
-
-@pytest.mark.ray
-def test_driver_killed_from_outside_mid_job_then_rerun_gives_every_id_once_equal_to_predictor(
-    ray_local, tiny_clip_dir, shapes_t2i, tmp_path
-):
-    """A driver embedding a folder (listed by subdirectory tasks) is SIGKILLed by this test once the manifest it
-    keeps up to date shows finished shards; a rerun finishes the job: every image once, vectors equal to the
-    Predictor's, and the manifest's finished shards were on disk when it said so."""
-    import time
-
-    from vembed.batch import embed_corpus, read_errors, read_manifest
-    from vembed.inference import VEmbedFactoryPredictor
-
-    images = sorted(Path(shapes_t2i["images"]).glob("*.jpg"))
-    folder, output = tmp_path / "folder", tmp_path / "out"
-    for sub in ("s0", "s1", "s2"):
-        (folder / sub).mkdir(parents=True)
-        for path in images:
-            shutil.copy(path, folder / sub / path.name)
-    ids = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jpg"))
-    options = dict(batch_size=2, shard_size=6, num_actors=1, max_decoders=1)
-    command = [sys.executable, "-m", "vembed.batch.cli", "--model", str(tiny_clip_dir), "--input", str(folder)]
-    command += ["--output", str(output)] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    manifest_path, seen = output / "_manifest.json", None
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and driver.poll() is None:
-            seen = json.loads(manifest_path.read_text()) if manifest_path.exists() else None  # replaced atomically
-            if seen and seen["progress"]["shards_done"] >= 3:
-                break
-            time.sleep(0.05)
-        on_disk = sorted(p.name for p in (output / "embeddings").glob("part-*.parquet"))
-        driver.send_signal(signal.SIGKILL)
-    finally:
-        logs = driver.communicate(timeout=60)[0]
-    assert driver.returncode == -signal.SIGKILL, logs[-3000:]
-    total = len(ids) // 6
-    assert seen is not None and seen["status"] == "running", logs[-3000:]
-    assert 3 <= seen["progress"]["shards_done"] < total, "the kill must come mid-job"
-    listed = {
-        f"part-{i:05d}.parquet" for first, last in seen["progress"]["done_shards"] for i in range(first, last + 1)
-    }
-    assert listed <= set(on_disk), "every shard the manifest called done was on disk"
-    assert seen["progress"]["rows_pending"] == len(ids) and seen["progress"]["shards_total"] == total
-
-    summary = embed_corpus(str(tiny_clip_dir), str(folder), str(output), **options)
-    assert summary["shards_skipped"] >= len(on_disk) and summary["shards_skipped"] + summary["shards_written"] == total
-    table = read_embeddings(str(output))
-    assert table.column("id").to_pylist() == ids and read_errors(str(output)).num_rows == 0  # each id once, in order
-    expected = VEmbedFactoryPredictor(str(tiny_clip_dir), device="cpu").encode_image(
-        [str(folder / i) for i in ids], batch_size=16
-    )
-    np.testing.assert_allclose(_vectors(table), expected, atol=1e-5)
-    assert not (output / "_fragments").exists() or not list((output / "_fragments").iterdir())
-    manifest = read_manifest(str(output))
-    assert manifest["status"] == "complete" and manifest["progress"]["done_shards"] == [[0, total - 1]]

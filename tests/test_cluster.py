@@ -12,7 +12,10 @@ them needs 2 CPUs besides (its read and preprocessing tasks). The training job u
 which the head (8 CPUs) can hold together with the pipeline; while it starts, another job holds 4 of the head's
 CPUs, so the workers land one per node (the run spans both nodes); that job then ends, the worker node is killed,
 and Ray Train must restart both workers on the head. One job does all this because every Ray Train start costs
-about a minute on 2 cores. The node-loss test runs last: it leaves the cluster with the head only.
+about a minute on 2 cores. The same test then joins a new worker node (``start.sh --join``) and runs an embedding
+job with the trained checkpoint whose model actors (one per node: Ray Data spreads them, and the job waits for its
+pool) write shards on both nodes, kills that node mid-job too, and reruns the job. The node-loss test runs last: it
+leaves the cluster with the head only.
 """
 
 from __future__ import annotations
@@ -256,10 +259,13 @@ def test_clients_without_the_token_are_refused(cluster, tmp_path):
     assert "InvalidAuthToken" in driver.stderr
 
 
+@pytest.mark.timeout(2400)  # two jobs that each lose a node, and a node joining: past the suite's 900 s here
 def test_training_spans_both_nodes_survives_losing_one_and_its_checkpoint_embeds_a_corpus(cluster, job_data, tmp_path):
     """A training job starts one worker per node; the worker node is killed mid-run, Ray Train restarts both
-    workers on the head and the job still succeeds; an embedding job then embeds the images with its checkpoint."""
-    from vembed.batch.writer import read_embeddings
+    workers on the head and the job still succeeds. A new worker node joins, and an embedding job embeds images with
+    the checkpoint, writing shards on both nodes, until that node is killed mid-job too; a rerun finishes it with
+    every image once and the Predictor's vectors."""
+    from vembed.batch.writer import read_embeddings, read_manifest, writer_nodes
     from vembed.inference import VEmbedFactoryPredictor
 
     head, worker = cluster.node_id(head=True), cluster.node_id(head=False)
@@ -316,22 +322,57 @@ def test_training_spans_both_nodes_survives_losing_one_and_its_checkpoint_embeds
     assert history[-1]["worker_node_ids"] == [head, head], "after the loss: both workers restarted on the head"
     assert all(n["state"] == "DEAD" for n in cluster.nodes() if n["node_id"] == worker)
 
+    # The embedding job: a new worker node joins, the job's two model actors (spread one per node) write shards on
+    # both nodes, the worker node is killed once the manifest shows a shard it wrote, and a rerun finishes the job.
+    joined = subprocess.run(
+        [str(START), "--dir", str(cluster.dir), "--join", "--workers", "1", "--worker-cpus", str(WORKER_CPUS)]
+        + ["--timeout", "300", "--attempts", "5"],
+        env=_base_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert joined.returncode == 0, f"start.sh --join failed:\n{joined.stdout}\n{joined.stderr}"
+    second = cluster.node_id(head=False)
     checkpoint = out / f"checkpoint-epoch-{epochs}"
     predictor = VEmbedFactoryPredictor(str(checkpoint))
+    images = sorted(Path(job_data["images"]).rglob("*.jpg"))
+    corpus = tmp_path / "corpus"
+    for copy in range(6):  # 6 copies in subdirectories (listed by a task each): 48 shards of 8
+        (corpus / f"c{copy:02d}").mkdir(parents=True)
+        for path in images:
+            shutil.copy(path, corpus / f"c{copy:02d}" / path.name)
+    ids = sorted(str(p.relative_to(corpus)) for p in corpus.rglob("*.jpg"))
+    shards = -(-len(ids) // 8)
     embeddings = tmp_path / "embeddings"
-    _submit(
-        cluster,
-        "embed-images",
-        ["python", "ray_jobs/embed.py", "--model", str(checkpoint), "--input", str(job_data["images"])]
-        + ["--output", str(embeddings), "--modality", "image", "--batch-size", "8", "--shard-size", "16"]
-        + ["--num-actors", "2"],
-    )
-    assert _wait(cluster, "embed-images") == "SUCCEEDED", _logs(cluster, "embed-images")
+    embed = ["python", "ray_jobs/embed.py", "--model", str(checkpoint), "--input", str(corpus)]
+    embed += ["--output", str(embeddings), "--modality", "image", "--batch-size", "4", "--shard-size", "8"]
+    embed += ["--num-actors", "2", "--max-decoders", "2"]
+    _submit(cluster, "embed-images", embed)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    seen: dict = {}
+    while not seen.get("writer_nodes", {}).get(second):  # until the manifest records a shard the new node wrote
+        assert not client.get_job_status("embed-images").is_terminal(), _logs(cluster, "embed-images")
+        assert time.monotonic() < deadline, _logs(cluster, "embed-images")
+        try:
+            seen = json.loads((embeddings / "_manifest.json").read_text())["progress"]
+        except (FileNotFoundError, KeyError):
+            pass
+        time.sleep(0.2)
+    killed = _stop(cluster.dir, "--node", "worker-2", "--kill")
+    assert killed.returncode == 0, killed.stdout + killed.stderr
+    assert seen["shards_done"] < seen["shards_total"] == shards, "the node must die mid-job"
+    first_run = _wait(cluster, "embed-images")  # Ray Data may carry on on the head, or the job fails: either way
+    _submit(cluster, "embed-images-rerun", embed)
+    assert _wait(cluster, "embed-images-rerun") == "SUCCEEDED", f"{first_run}: {_logs(cluster, 'embed-images-rerun')}"
 
     table = read_embeddings(str(embeddings))
-    images = sorted(p for p in Path(job_data["images"]).rglob("*.jpg"))
-    assert sorted(table.column("id").to_pylist()) == sorted(str(p.relative_to(job_data["images"])) for p in images)
+    assert table.column("id").to_pylist() == ids, "every image exactly once, in shard order"
+    nodes = writer_nodes(str(embeddings))
+    assert len(nodes) == shards and set(nodes.values()) == {head, second}, "shards written on both nodes"
     by_id = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist(), strict=True))
-    expected = predictor.encode_image([str(p) for p in images[:6]])
-    got = np.array([by_id[str(p.relative_to(job_data["images"]))] for p in images[:6]])
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    sample = ids[:: len(ids) // 24]
+    expected = predictor.encode_image([str(corpus / i) for i in sample])
+    np.testing.assert_allclose(np.array([by_id[i] for i in sample]), expected, atol=1e-5)
+    runs = read_manifest(str(embeddings))["runs"]
+    assert runs[-1]["shards_skipped"] + runs[-1]["shards_written"] == shards

@@ -61,12 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=positive_int, default=None, help="Matryoshka dimension (default: full size)")
     parser.add_argument("--format", choices=FORMATS, default="float32", help="stored embedding dtype")
     parser.add_argument("--overwrite", action="store_true", help="delete earlier output in --output and start over")
-    parser.add_argument(
-        "--fail-after-shards",
-        type=positive_int,
-        default=None,
-        help=argparse.SUPPRESS,  # fault injection for tests: the driver kills itself once N shards are finished
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
         dim=args.dim,
         format=args.format,
         overwrite=args.overwrite,
-        fail_after_shards=args.fail_after_shards,
         instruction=args.instruction,
     )
     print(json.dumps(summary, indent=2))

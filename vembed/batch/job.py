@@ -23,8 +23,6 @@ import datetime as dt
 import hashlib
 import logging
 import math
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from vembed.batch.options import DTYPES, FORMATS, MODALITIES
-from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset, check_instruction
+from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset, check_instruction, pools_fit
 from vembed.batch.progress import JobProgress
 from vembed.batch.shards import plan_shards
 from vembed.batch.sources import Listing, list_corpus
@@ -41,6 +39,7 @@ from vembed.batch.writer import (
     EMBEDDINGS_DIR,
     ERRORS_DIR,
     FragmentWriter,
+    OutputExistsError,
     OutputStore,
 )
 from vembed.modelpath import resolve_source
@@ -70,7 +69,6 @@ def embed_corpus(
     dim: int | None = None,
     format: str = "float32",
     overwrite: bool = False,
-    fail_after_shards: int | None = None,
     instruction: str | None = None,
 ) -> dict[str, Any]:
     """Embed every item of ``input`` with the model at ``model_path`` into Parquet shards under ``output``.
@@ -91,8 +89,6 @@ def embed_corpus(
         format: stored embedding dtype, ``"float32"`` or ``"float16"``.
         overwrite: delete earlier output of this layout in ``output`` and start over. Without it, a rerun of the
             same job resumes (completed shards are skipped) and a different job in ``output`` is refused.
-        fail_after_shards: fault injection for tests: the driver kills itself (SIGKILL) once this many shards of
-            this run are finished (the writers may finish a few more before the job's workers go).
         instruction: for models that take one (a VLM's system message, Qwen3-Embedding's query task); None: the
             model's default. A ValueError before anything runs for a model without instructions.
 
@@ -128,6 +124,8 @@ def embed_corpus(
         **({"instruction": instruction} if instruction is not None else {}),
     }
     store = OutputStore(output)
+    if not overwrite:
+        adopt_version_1(store, job, listing)
     done = store.open(job, overwrite)  # refuses a folder holding a different job
     for index in store.fragment_shards() & done:  # rows a retried task wrote after its shard was finished
         store.delete_fragments(shards[index])
@@ -141,8 +139,16 @@ def embed_corpus(
         rows_per_block = block_rows(progress.pending_rows, batch_size, shard_size, pool.max_size + pool.max_decoders)
         items = pending_blocks(listing, done, shard_size, rows_per_block)
         writer = FragmentWriter(store, shard_size, num_items, format)
-        dataset = build_dataset(items, modality, model["model_path"], pool, batch_size, dtype, dim, writer, instruction)
-        _follow(dataset, store, manifest, progress, fail_after_shards)
+        wait = pools_fit(pool, modality, cluster)
+        if not wait:
+            logger.warning(
+                "the cluster cannot hold %d model actors and their decoders now; work starts on those that are up",
+                pool.min_size,
+            )
+        dataset = build_dataset(
+            items, modality, model["model_path"], pool, batch_size, dtype, dim, writer, instruction, wait
+        )
+        _follow(dataset, store, manifest, progress)
         unfinished = sorted(s.index for s in pending if not store.is_complete(s))
         if unfinished:
             raise RuntimeError(
@@ -201,9 +207,7 @@ MANIFEST_EVERY_S = 1.0
 PRINT_EVERY_S = 10.0
 
 
-def _follow(
-    dataset: Any, store: OutputStore, manifest: dict[str, Any], progress: JobProgress, fail_after: int | None
-) -> None:
+def _follow(dataset: Any, store: OutputStore, manifest: dict[str, Any], progress: JobProgress) -> None:
     """Run the pipeline, folding the writers' reports into ``progress``; rewrite the manifest when shards finish
     (at most every ``MANIFEST_EVERY_S``) and print a progress line every ``PRINT_EVERY_S``."""
     last_manifest = last_print = 0.0
@@ -216,9 +220,6 @@ def _follow(
         if now - last_print >= PRINT_EVERY_S:
             print(progress.line(), flush=True)
             last_print = now
-        if fail_after is not None and progress.shards_written >= fail_after:
-            store.write_manifest({**manifest, "status": "running", "progress": progress.report()})
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def block_rows(pending_rows: int, batch_size: int, shard_size: int, workers: int) -> int:
@@ -353,6 +354,41 @@ def ids_digest(listing: Listing) -> str:
     digest = ray.remote(_block_digest).options(num_cpus=0.5)
     parts = ray.get([digest.remote(b, o) for b, o in zip(listing.blocks, listing.offsets, strict=True)])
     return f"{sum(parts) % (1 << 128):032x}"
+
+
+def adopt_version_1(store: OutputStore, job: dict[str, Any], listing: Listing) -> None:
+    """Resume a folder written by vembed before the workers wrote shards (manifest version 1) if it holds ``job``.
+
+    Safe because version 1 used the same shards (positions ``k * shard_size`` onwards of the same corpus order), file
+    names and write-then-rename protocol, so each of its shard files is complete and is what this version would
+    write. Its job record differs only in the ids: the sha256 of the ordered ids, recomputed here by streaming the
+    listing's blocks through the driver one at a time (once, on the first rerun). A match rewrites the manifest as
+    this version's (runs kept); any other difference raises :class:`OutputExistsError` naming it.
+    """
+    previous = store.read_manifest()
+    if previous is None or previous.get("version") != 1:
+        return
+    theirs = previous.get("job", {})
+    ours = {key: value for key, value in job.items() if key != "ids_digest"}
+    differs = sorted(k for k in (set(ours) | set(theirs)) - {"ids_sha256"} if theirs.get(k) != ours.get(k))
+    if not differs and theirs.get("ids_sha256") != ids_sha256(listing):
+        differs = ["ids"]
+    if differs:
+        raise OutputExistsError(
+            f"{store.root.uri} holds the output of a different job, written by an older vembed (manifest version 1; "
+            f"differs in: {', '.join(differs)}); pass --overwrite to start over or pick another output folder"
+        )
+    store.write_manifest({**previous, "version": MANIFEST_VERSION, "job": job, "upgraded_from_version": 1})
+
+
+def ids_sha256(listing: Listing) -> str:
+    """Manifest version 1's digest of the ordered ids: sha256 over ``id + "\\n"`` for every id in corpus order."""
+    import ray
+
+    digest = hashlib.sha256()
+    for block in listing.blocks:  # in order, one block in the driver at a time
+        digest.update("".join(f"{item}\n" for item in ray.get(block).column("id").to_pylist()).encode())
+    return digest.hexdigest()
 
 
 def _block_digest(table: pa.Table, offset: int) -> int:

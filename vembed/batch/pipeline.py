@@ -15,6 +15,13 @@ model each, a GPU each where the cluster has them) call the Predictor's ``encode
 Predictor's own maths. Texts need no decode stage: the actors call ``encode_text`` (tokenising is microseconds per
 text, and it keeps the Predictor's exact truncation length).
 
+Placement: Ray Data creates actors with the SPREAD strategy (its default, not a setting here), so a pool's actors
+land on different nodes. Where the cluster holds the pools' minimum sizes (:func:`pools_fit`), the pipeline does not
+dispatch work until those actors are all up (``DataContext.wait_for_min_actors_s``): otherwise the actor on the
+driver's node, which starts first (no runtime environment to fetch), can take a short job's whole input before the
+other nodes' actors are ready, and a cluster the user asked for stays idle. Where it does not (more actors asked for
+than the CPUs or GPUs there are now; an autoscaler may add nodes), work starts on the actors that are up.
+
 Both stages run on autoscaling ``ActorPoolStrategy`` pools. The decode pool is an actor pool, not stateless tasks,
 for two reasons: Ray Data never fuses an actor stage into the next actor stage, so decoding always overlaps
 inference (a task stage with the same resources as the model actors is fused into them, ray-project/ray#54433);
@@ -34,12 +41,14 @@ from vembed.batch.writer import FragmentWriter, pack_vectors
 from vembed.data.images import decode_image, read_bytes
 
 ACTOR_CPUS = 1.0  # CPU reservation of every actor, decode and model alike
+#: how long the pipeline waits, at its start, for the model pool's ``min_size`` actors (a GPU node may take minutes)
+WAIT_FOR_ACTORS_S = 1800
 
 
 @dataclass(frozen=True)
 class ActorPool:
     """How many model actors run (``min_size``..``max_size``), the GPUs each one holds (0 = CPU inference), and
-    the most decode workers feeding them (they scale from one up)."""
+    the most decode workers feeding them (they scale up from one per model actor of ``min_size``)."""
 
     min_size: int
     max_size: int
@@ -97,6 +106,17 @@ class Decoder:
         if images:
             pixel_values[good] = self.preprocessor.process_images(images)
         return {**_carried(batch), "error": errors, "pixel_values": pixel_values}
+
+
+def min_decoders(pool: ActorPool) -> int:
+    """Decode workers an image job starts with: one per model actor of the pool's ``min_size``, up to its most."""
+    return min(pool.min_size, pool.max_decoders)
+
+
+def pools_fit(pool: ActorPool, modality: str, cluster: dict[str, float]) -> bool:
+    """Whether ``cluster`` (``{"CPU": n, "GPU": m}``, the whole cluster's resources) holds the minimum pools."""
+    cpus = pool.min_size * ACTOR_CPUS + (min_decoders(pool) * ACTOR_CPUS if modality == "image" else 0)
+    return cpus <= cluster.get("CPU", 0.0) and pool.min_size * pool.num_gpus <= cluster.get("GPU", 0.0)
 
 
 def check_instruction(model_path: str, instruction: str | None) -> None:
@@ -190,10 +210,12 @@ def build_dataset(
     dim: int | None,
     writer: FragmentWriter,
     instruction: str | None = None,
+    wait_for_actors: bool = False,
 ) -> Any:
     """The streaming dataset that embeds and writes ``items`` (refs of Arrow tables with ``position``, ``id``,
     ``source``; their size is the job's :func:`~vembed.batch.job.block_rows`); its rows are the writer's progress
-    reports. ``instruction`` goes to the Predictor (models that take one). The first stage is an actor stage: a
+    reports. ``instruction`` goes to the Predictor (models that take one); ``wait_for_actors``: dispatch nothing
+    until the pools' minimum actors are up (see the module docstring; only where :func:`pools_fit`). The first stage is an actor stage: a
     task stage before it would wait for CPUs the actors hold."""
     import ray
 
@@ -202,14 +224,16 @@ def build_dataset(
         dataset = dataset.map_batches(
             Decoder,
             fn_constructor_kwargs={"model_path": model_path},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_decoders),
+            # as many decoders as model actors to start with: spread like them, each node's model actor is fed from its
+            # own node (Ray Data sends a block to an actor where the block is), not from one decoder on one node
+            compute=ray.data.ActorPoolStrategy(min_size=min_decoders(pool), max_size=pool.max_decoders),
             batch_size=batch_size,
             batch_format="numpy",
             num_cpus=ACTOR_CPUS,
         )
     else:
         dataset = dataset.map_batches(check_texts, batch_size=batch_size, batch_format="numpy")
-    return dataset.map_batches(
+    dataset = dataset.map_batches(
         EmbedAndWrite,
         fn_constructor_kwargs={
             "writer": writer,
@@ -226,3 +250,6 @@ def build_dataset(
         num_cpus=ACTOR_CPUS,
         num_gpus=pool.num_gpus,
     )
+    if wait_for_actors:
+        dataset.context.wait_for_min_actors_s = WAIT_FOR_ACTORS_S  # this dataset's own copy of the context
+    return dataset
