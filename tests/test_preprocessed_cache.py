@@ -124,6 +124,8 @@ def test_auto_caches_what_fits_a_share_of_the_object_store_and_streams_the_rest(
     assert cache_budget(auto, int(store), clip_pre, path) is None  # far more rows than fit: stream
     assert cache_budget(as_config({**CFG, "cache_preprocessed": True}), int(store), clip_pre, path) == float("inf")
     assert cache_budget(as_config({**CFG, "cache_preprocessed": False}), 100, clip_pre, path) is None
+    one_epoch = as_config({**CFG, "cache_preprocessed": "auto", "epochs": 1})
+    assert cache_budget(one_epoch, 100, clip_pre, path) is None  # no later epoch would read the cache
 
 
 @pytest.mark.unit

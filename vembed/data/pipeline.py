@@ -96,10 +96,11 @@ def cache_budget(
 
     ``true``: no limit (the object store spills to disk when full). ``auto``: a quarter of the cluster's object
     store (:data:`CACHE_OBJECT_STORE_FRACTION`), and only when ``num_records`` rows of the size of the first
-    record's fit into it -- larger data sets stream. ``false``: None.
+    record's fit into it -- larger data sets stream -- and the run has a later epoch to reuse them (a one-epoch run
+    would pay for the cache's lookups and gain nothing). ``false``: None.
     """
     cfg = as_config(cfg)
-    if cfg.cache_preprocessed is False:
+    if cfg.cache_preprocessed is False or (cfg.cache_preprocessed == "auto" and cfg.epochs <= 1):
         return None
     if cfg.cache_preprocessed is True:
         return float("inf")
