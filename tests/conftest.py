@@ -22,6 +22,27 @@ os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "vembed.servi
 RAY_NUM_CPUS = int(os.environ.get("VEMBED_TEST_RAY_CPUS", "8"))
 
 
+# The files whose tests take longest, slowest first. `make test` runs the suite in two processes, one file at a time
+# each and in collection order (`-n 2 --dist loadfile --no-loadscope-reorder`): started first, these run beside
+# the many short files instead of alone at the end.
+SLOWEST_FILES = (
+    "test_cluster.py",
+    "test_training_distributed.py",
+    "test_seed_guide.py",
+    "test_evaluate_cli.py",
+    "test_resume_fault.py",
+    "test_batch_embed.py",
+    "test_multivector.py",
+    "test_serving.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Collect :data:`SLOWEST_FILES` first (a stable sort: the order inside each file is kept)."""
+    rank = {name: position for position, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (127.0.0.1 only, no dashboard)."""
