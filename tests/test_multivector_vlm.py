@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
-from tests.vlm_reference import official_inputs
+from tests.vlm_reference import official_inputs, patterned_images
 
 pytestmark = pytest.mark.unit
 
@@ -26,13 +26,7 @@ TEXTS = ["a red circle", "a large blue square on a white background next to a sm
 
 
 def _images() -> list[Image.Image]:
-    out = []
-    for i, (colour, size) in enumerate((((200, 20, 20), (32, 32)), ((20, 20, 200), (96, 64)))):
-        image = Image.new("RGB", size, colour)
-        for x in range(0, size[0], 3):
-            image.putpixel((x, (x * (i + 2)) % size[1]), (255, 255, 0))
-        out.append(image)
-    return out
+    return patterned_images(((32, 32), (96, 64)))
 
 
 def content_positions(model_dir, input_ids: torch.Tensor, text: str | None) -> list[int]:

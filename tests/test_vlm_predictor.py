@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer
 
-from tests.vlm_reference import official_embeddings, official_inputs
+from tests.vlm_reference import official_embeddings, official_inputs, patterned_images
 from vembed.inference import VEmbedFactoryPredictor
 from vembed.model import EmbeddingModel
 
@@ -24,13 +24,7 @@ TEXTS = ["a red circle", "a large blue square on a white background next to a sm
 
 
 def _images() -> list[Image.Image]:
-    out = []
-    for i, (colour, size) in enumerate((((200, 20, 20), (32, 32)), ((20, 20, 200), (48, 40)))):
-        image = Image.new("RGB", size, colour)
-        for x in range(0, size[0], 3):
-            image.putpixel((x, (x * (i + 2)) % size[1]), (255, 255, 0))
-        out.append(image)
-    return out
+    return patterned_images(((32, 32), (48, 40)))
 
 
 @pytest.fixture(scope="module")

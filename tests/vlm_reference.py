@@ -20,6 +20,18 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 DEFAULT_INSTRUCTION = "Represent the user's input."
 
 
+def patterned_images(sizes: Sequence[tuple[int, int]]) -> list[Image.Image]:
+    """Test images of the given (width, height): red, then blue, ..., each with a yellow dotted diagonal."""
+    colours = ((200, 20, 20), (20, 20, 200), (20, 160, 20))
+    out = []
+    for i, size in enumerate(sizes):
+        image = Image.new("RGB", size, colours[i % len(colours)])
+        for x in range(0, size[0], 3):
+            image.putpixel((x, (x * (i + 2)) % size[1]), (255, 255, 0))
+        out.append(image)
+    return out
+
+
 @functools.lru_cache(maxsize=4)
 def _loaded(model_dir: str, what: str):
     loader = {"tokenizer": AutoTokenizer, "images": AutoImageProcessor, "model": AutoModel}[what]
