@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from vembed.data.batching import BadRecord
 
 
+def _on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Where every actor of this module runs: the driver's node. If that node dies the job ends anyway, while an
+    actor on a worker node would die with it and break every restarted attempt that reports to it."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 @ray.remote(num_cpus=0)
 class _BadRecordTally:
     """Actor state behind :class:`BadRecordCounter`."""
@@ -49,10 +55,7 @@ class BadRecordCounter:
     """
 
     def __init__(self, max_examples: int = 20) -> None:
-        # Pinned to the driver's node: if that node dies the job ends anyway, while an actor on a worker node
-        # would die with it and break every restarted attempt that reports to it.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._actor = _BadRecordTally.options(scheduling_strategy=here).remote(max_examples)
+        self._actor = _BadRecordTally.options(scheduling_strategy=_on_this_node()).remote(max_examples)
 
     def add(self, bad: Sequence[BadRecord]) -> None:
         """Record dropped records (waits for the actor so a later :meth:`total` includes them)."""
@@ -93,8 +96,7 @@ class EpochClock:
     """
 
     def __init__(self) -> None:
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._actor = _EpochValue.options(scheduling_strategy=here).remote()
+        self._actor = _EpochValue.options(scheduling_strategy=_on_this_node()).remote()
 
     def set(self, epoch: int) -> None:
         """Select the epoch the next execution reads (waits, so an execution started after this sees it)."""
@@ -151,8 +153,7 @@ class PreprocessedCache:
     """
 
     def __init__(self, budget_bytes: float = float("inf")) -> None:
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._actor = _PreprocessedRows.options(scheduling_strategy=here).remote(float(budget_bytes))
+        self._actor = _PreprocessedRows.options(scheduling_strategy=_on_this_node()).remote(float(budget_bytes))
 
     def lookup(self, keys: list[str]) -> list[Any]:
         """Per key: ``([ref], row)`` for a cached row, ``(None, bad_record)`` for a dropped record, else None."""
