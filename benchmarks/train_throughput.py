@@ -167,9 +167,8 @@ def main() -> None:
         "cache_preprocessed": {"auto": "auto", "true": True, "false": False}[args.cache],
     }
 
-    import ray
-
-    ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)  # +2: the data pipeline beside 2 workers
+    # The plain loop and the peak first, before Ray starts: Ray's start-up (its worker processes importing) would
+    # otherwise take the cores from under them for several seconds.
     peak = matmul_peak(cores)
     rates: dict[str, float] = {}
     flops_per_step = 0.0
@@ -177,6 +176,10 @@ def main() -> None:
         plain, compute_only, flops_per_step = plain_loop(cfg, args.steps, cores)
         rates = {"(a) plain PyTorch loop": plain, "(a') same loop, batches decoded beforehand": compute_only}
         print(f"(a) {plain:.1f} samples/s; (a') {compute_only:.1f} samples/s", flush=True)
+
+    import ray
+
+    ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)  # +2: the data pipeline beside 2 workers
     cases = [("b", "(b) vembed num_workers=0", 0, cores), ("c", "(c) TorchTrainer 1 worker", 1, cores)]
     cases.append(("d", "(d) TorchTrainer 2 workers DDP", 2, max(1, cores // 2)))
     cases.append(("n", "(n) TorchTrainer 1 worker, cache_preprocessed false", 1, cores))

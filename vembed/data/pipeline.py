@@ -55,7 +55,7 @@ from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.data.batching import FIXED_TEXT_LENGTH_KEY, BadRecord, build_batch, trim_text_padding
-from vembed.data.ragged import collate_rows, is_vlm_batch
+from vembed.data.ragged import collate_rows, is_vlm_batch, tensor_copy
 from vembed.data.readers import RECORD_EXTENSIONS, first_record, parse_record_file, resolve_record_files
 from vembed.data.records import SOURCE_FIELD, RecordSchema
 from vembed.data.run_state import BadRecordCounter, EpochClock, PreprocessedCache, batch_nbytes
@@ -374,7 +374,7 @@ def collate_train_batch(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tens
     """
     if is_vlm_batch(batch):
         return collate_rows(batch)
-    return {key: torch.tensor(value) for key, value in trim_text_padding(batch).items()}
+    return {key: tensor_copy(value) for key, value in trim_text_padding(batch).items()}
 
 
 def iter_train_batches(

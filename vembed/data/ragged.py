@@ -141,8 +141,20 @@ def collate_rows(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             flat = np.concatenate([row.reshape(-1, width) for row in rows])
             out[key] = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.int64 if width == 3 else np.float32))
         else:
-            out[key] = torch.tensor(np.asarray(column))
+            out[key] = tensor_copy(column)
     return out
+
+
+def tensor_copy(array: Any) -> torch.Tensor:
+    """A writable torch tensor holding a copy of ``array``, copied by NumPy.
+
+    Collate functions run in Ray Data's iterator threads. A torch copy of a large array there runs an OpenMP
+    parallel region, which gives that thread its own pool of OpenMP threads; once more OpenMP threads are alive
+    than there are cores, libgomp stops spinning between parallel regions and the training thread's pool sleeps
+    and wakes around every operator. Measured on 2 cores: a CLIP step 1.6x slower, AdamW 2.4x. NumPy copies
+    in one thread.
+    """
+    return torch.from_numpy(np.array(array, copy=True))
 
 
 def item_slices(mm: torch.Tensor, grid: torch.Tensor, items: int) -> tuple[list[int], list[int]]:

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -483,23 +484,32 @@ class Trainer:
             self._printer.report(metrics)  # the readable line (rank 0); the full dict goes to the debug log
         logger.debug(_format(metrics))
         self._trackers.log(metrics, self.progress.step)  # report_to: tensorboard / wandb / mlflow (rank 0)
-        if self.in_ray:
-            self._report_to_ray(metrics, with_checkpoint)
+        if self.in_ray and with_checkpoint:
+            self._report_to_ray(metrics)
 
-    def _report_to_ray(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
+    def _report_to_ray(self, metrics: dict[str, Any]) -> None:
+        """Register a resume checkpoint (with its metrics) with Ray Train, uploaded in the background.
+
+        Only checkpoints go to ``ray.train.report``; the metrics of every logging window reach the progress
+        lines, the trackers and ``history`` directly. Ray Train's controller takes one report per health-check
+        poll (every 2 s), so a report made less than 2 s after the previous one would block training until then.
+        ``CheckpointUploadMode.ASYNC`` also keeps the upload to ``storage_path`` off the training thread; Ray
+        deletes the local directory once uploaded, and the run's end waits for pending uploads.
+        """
         import ray.train
         from ray.train.v2.api.context import LocalTrainContext
 
-        local_mode = isinstance(ray.train.get_context(), LocalTrainContext)  # num_workers=0: no storage to resume
-        if not with_checkpoint or local_mode:
+        if isinstance(ray.train.get_context(), LocalTrainContext):  # num_workers=0: no storage to resume from
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="vembed-ckpt-") as tmp:
-            wrote = save_training_state(
-                tmp, self.model, self.optimizer, self.scheduler, self.progress, self._stateful_modules()
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote else None
-            ray.train.report(metrics, checkpoint=checkpoint)
+        local = tempfile.mkdtemp(prefix="vembed-ckpt-")
+        wrote = save_training_state(
+            local, self.model, self.optimizer, self.scheduler, self.progress, self._stateful_modules()
+        )
+        if not wrote:
+            shutil.rmtree(local, ignore_errors=True)
+        checkpoint = ray.train.Checkpoint.from_directory(local) if wrote else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
     def _stateful_modules(self) -> dict[str, Any]:
         """Resume state beside model and optimizer: the loss's parameters and fp16's loss scale."""
