@@ -209,3 +209,19 @@ def test_empty_or_misconfigured_data_fails_before_any_worker_starts(tmp_path, cl
     wrong_mode = write_jsonl(tmp_path / "captions.jsonl", [{"caption": "a cat", "image": "/a.jpg"}])
     with pytest.raises(RecordError, match="missing field 'query'.*column_mapping"):
         build_train_dataset(wrong_mode, clip_pre, {"retrieval_mode": "t2i"})
+
+
+@pytest.mark.unit
+def test_the_worker_collate_copies_ray_read_only_arrays_into_writable_tensors():
+    from vembed.data.pipeline import collate_train_batch
+
+    pixels = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    ids = np.array([[5, 6, 0], [7, 0, 0]])
+    batch = {"positive_pixel_values": pixels, "query_input_ids": ids, "query_attention_mask": (ids > 0).astype(int)}
+    for array in batch.values():
+        array.flags.writeable = False  # as Ray hands them out: views of its object store
+    out = collate_train_batch(batch)
+    assert out["query_input_ids"].tolist() == [[5, 6], [7, 0]]  # trimmed to the longest text
+    assert torch.equal(out["positive_pixel_values"], torch.from_numpy(pixels.copy()))
+    out["positive_pixel_values"].add_(1)  # the training step may modify its batch ...
+    assert pixels[0, 0, 0, 0] == 0  # ... without touching Ray's memory

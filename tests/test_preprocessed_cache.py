@@ -1,7 +1,8 @@
 """``cache_preprocessed``: later epochs reuse the rows the first one preprocessed, and change nothing else.
 
 Pipeline-level checks on the session Ray (cached batches equal streaming ones, per epoch, after a resume, with bad
-records and past the budget), the ``auto`` decision, and one real Ray Train run through the cache.
+records and past the budget), the ``auto`` decision, and one real Ray Train run through the cache. Also the Train
+worker's loader, which starts each next epoch early: its batches are the streaming ones.
 """
 
 from __future__ import annotations
@@ -159,3 +160,28 @@ def test_a_ray_train_run_reads_its_later_epochs_from_the_cache(ray_local, tiny_c
     assert result.metrics["bad_records"] == 6  # 3 bad records, counted in each epoch as streaming counts them
     assert "preprocessed-row cache: 13 rows and 3 dropped records held" in caplog.text
     assert result.metrics["time_window_s"] > 0 and result.metrics["time_forward_backward_s"] > 0
+
+
+@pytest.mark.ray
+def test_the_worker_loader_starts_the_next_epoch_early_and_yields_the_streaming_batches(ray_local, tmp_path, clip_pre):
+    from vembed.training.worker import ShardLoader
+
+    data = mixed_records(tmp_path)
+    s_clock = EpochClock()
+    streaming = build_train_dataset(data, clip_pre, CFG, epoch_clock=s_clock)
+    expected = [epoch_batches(streaming, s_clock, epoch) for epoch in (0, 1, 2)]
+
+    clock = EpochClock()
+    ds = build_train_dataset(data, clip_pre, CFG, epoch_clock=clock, cache=PreprocessedCache())
+    loader = ShardLoader(ds, 4, as_config({**CFG, "epochs": 3}), train=True, epoch_clock=clock)
+    for epoch in (0, 1, 2):
+        loader.set_epoch(epoch)
+        assert_same_batches(list(loader), expected[epoch])  # epochs 1 and 2 were started under the previous one
+    assert clock.get() == 2, "no epoch past the run's last is started"
+    assert not torch.equal(expected[0][0]["positive_pixel_values"], expected[1][0]["positive_pixel_values"])
+
+    loader = ShardLoader(ds, 4, as_config({**CFG, "epochs": 3}), train=True, epoch_clock=clock)
+    loader.set_epoch(0)
+    list(loader)
+    with pytest.raises(ValueError, match="epoch 1 was started ahead but epoch 2 was asked for"):
+        loader.set_epoch(2)

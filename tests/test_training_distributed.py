@@ -100,11 +100,13 @@ def test_two_workers_take_the_same_step_as_one_process(
     """The Qwen3-VL runs also cover the VLM's Ray Data rows (ragged patches collated in the worker, against the
     in-process collator of the reference) and FSDP2 units for its decoder layers and vision blocks."""
     model_dir = request.getfixturevalue(model_fixture)
-    cfg = _config(model_dir, one_batch, tmp_path, strategy=strategy)
+    cfg = _config(model_dir, one_batch, tmp_path, strategy=strategy, torch_threads=0)
     result = run_training(cfg)
     assert result.error is None
     assert result.metrics["world_size"] == 2 and result.metrics["step"] == 1
     assert len(result.metrics["worker_node_ids"]) == 2
+    # torch_threads 0: this node's cores shared by its two workers (not Ray's OMP_NUM_THREADS=1)
+    assert result.metrics["torch_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
 
     reference, _ = _reference_step(cfg, one_batch)
     trained = EmbeddingModel.from_pretrained(tmp_path / "out" / "checkpoint-epoch-1")

@@ -227,7 +227,8 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
             f"train_loop_per_worker needs '{NUM_RECORDS_KEY}' in its config; build it with "
             "vembed.training.worker.make_loop_config(config, num_train_records)"
         )
-    torch.set_num_threads(intra_op_threads(cfg))
+    threads = intra_op_threads(cfg)
+    torch.set_num_threads(threads)
     quiet_ray_train_reports()  # vembed prints its own progress lines (vembed.training.progress)
     rank, world = distributed_world()
     device = select_device(cfg)
@@ -259,7 +260,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         val_dataloader=val,
         device=device,
         model_factory=lambda: build_training_model(cfg),
-        run_info={"worker_node_ids": nodes, "num_nodes": len(set(nodes))},
+        run_info={"worker_node_ids": nodes, "num_nodes": len(set(nodes)), "torch_threads": threads},
         bad_records=bad_records.total if bad_records is not None else None,
         steps_per_epoch=steps_per_epoch,
     )
