@@ -10,8 +10,8 @@ and ``time_other_s`` (whatever no phase covers: the progress printer, Python bet
     to_device         moving the batch to the training device
     forward_backward  forward, loss, backward (and gradient synchronisation)
     optimizer         gradient clipping, optimizer and scheduler step
-    reporting         metrics and ``ray.train.report`` without a checkpoint
-    checkpoint        user checkpoints and resume checkpoints (written and handed to Ray Train)
+    reporting         metrics to the progress lines and the trackers (``report_to``)
+    checkpoint        user checkpoints and resume checkpoints (written, then uploaded by Ray Train in the background)
     validation        evaluation on the validation set
 
 On an accelerator, kernels run asynchronously: without a synchronisation the device time shows up in the phase

@@ -2,8 +2,9 @@
 
 The same loop runs
 
-- inside a Ray Train worker (the primary path, see :mod:`vembed.training.worker`): metrics and
-  resume checkpoints go through ``ray.train.report``;
+- inside a Ray Train worker (the primary path, see :mod:`vembed.training.worker`): resume checkpoints,
+  with the metrics of their step, go through ``ray.train.report`` (uploaded in the background); the metrics
+  of every logging window go to the progress lines and the trackers;
 - with an ``accelerate.Accelerator`` (the seed guide's custom loop): the accelerator prepares the
   model, optimizer and data, and does backward, clipping and autocast;
 - as a plain single process.

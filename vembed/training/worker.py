@@ -213,7 +213,7 @@ def _restore(trainer: Trainer) -> TrainingProgress | None:
 
 
 def train_loop_per_worker(config: Mapping[str, Any]) -> None:
-    """Train on this worker's data shard; metrics and checkpoints go to ``ray.train.report``."""
+    """Train on this worker's data shard; checkpoints and their metrics go to ``ray.train.report``."""
     from vembed.losses.factory import LossFactory
     from vembed.training.model_builder import compile_model
 
