@@ -179,16 +179,21 @@ def build_training_model(config: VEmbedConfig) -> nn.Module:
 
 def intra_op_threads(config: VEmbedConfig) -> int:
     """torch's intra-op threads for this worker: ``torch_threads``, or for 0 this node's cores shared equally by
-    the training workers on it.
+    the training workers on it (``num_workers: 0`` runs in the caller's process: torch's setting there is kept).
 
     Ray sets ``OMP_NUM_THREADS`` in a worker process to its CPU reservation (1 by default), so torch's own default
     would leave a model trained on CPU one thread however many cores the node has (measured on 2 cores: a CLIP step
     1.7x slower than with 2 threads).
     """
+    from ray.train.v2.api.context import LocalTrainContext
+
     if config.torch_threads > 0:
         return config.torch_threads
+    context = ray.train.get_context()
+    if isinstance(context, LocalTrainContext):
+        return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(ray.train.get_context().get_local_world_size(), 1))
+    return max(1, cores // max(context.get_local_world_size(), 1))
 
 
 def worker_node_ids() -> list[str]:
