@@ -407,6 +407,7 @@ def main() -> None:
     plain_rate = statistics.median(plain)
     job_rate, steady_rate = (statistics.median(run[key] for run in job) for key in ("end_to_end", "steady"))
     old_rate, old_steady = (statistics.median(run[key] for run in old) for key in ("end_to_end", "steady"))
+    paired = statistics.median(b["steady"] / c["steady"] for b, c in zip(job, old, strict=True))  # same load
     print_table(
         [
             (
@@ -424,6 +425,7 @@ def main() -> None:
             ("(c) old path: the driver writes the shards, end to end (images/s)", f"{old_rate:.1f}"),
             ("(c) after start-up (images/s)", f"{old_steady:.1f}"),
             ("(b) / (c) after start-up  [goal >= 1]", f"{steady_rate / old_steady:.2f}"),
+            ("(b) / (c) after start-up, median of the rounds' ratios (paired)", f"{paired:.2f}"),
             ("(b) / (c) end to end", f"{job_rate / old_rate:.2f}"),
             (
                 "rounds (a) | (b) | (c) end to end",
