@@ -1,4 +1,4 @@
-"""Batch embedding: a plain single-process loop vs the Ray Data job (images/s), and the job's peak memory vs size.
+"""Batch embedding: a plain loop vs the Ray Data job vs the old driver-written path (images/s); driver and job cost.
 
     .venv/bin/python benchmarks/embed_throughput.py                                  # 2,000 images; 2k vs 20k
     .venv/bin/python benchmarks/embed_throughput.py --images 500 --memory-images 500 5000   # a quick look
@@ -14,7 +14,10 @@ Model: a small ViT from a ``ViTConfig`` (random init, nothing downloaded): hidde
 (b) the job: ``embed_corpus(..., batch_size=64)`` with its default pools on a local Ray using every CPU; Ray is
     started before timing (a cluster is up before jobs arrive). Reported end to end (actor start-up, imports and
     model loading included: a fixed cost per job) and after start-up (the job's ``steady_rows_per_s``).
-The two alternate ``--repeats`` times so both see the same background load; the table shows medians. The script
+(c) the old write path (before #19), reproduced here only: the same listing, blocks, pools, decoder and model
+    actors as (b), but the vectors come back to the driver in corpus order and the driver writes the shards.
+The three alternate ``--repeats`` times so all see the same background load ((b) and (c) swap places every other
+round: neither always runs on a warmer machine); the table shows medians. The script
 also times decode + preprocess and the model alone (one thread) per image: overlapping them gains most when the
 two cost about the same, and nothing when one dominates.
 
@@ -22,6 +25,11 @@ Memory: each size runs in a fresh subprocess (its own Ray). A sampler adds up th
 that process and all its descendants -- driver, raylet, GCS, decode and model workers, with Ray's shared-memory
 object store pages split among the processes that map them -- every 0.2 s; the figure is the peak. Only ratios
 are meaningful on a shared CPU machine.
+
+Driver: a text job (tiny BERT, 2 model actors, short texts) at two sizes, each in a fresh subprocess: the driver
+process's own peak RSS and CPU seconds over ``embed_corpus`` (importing torch/transformers included), and the CPU
+seconds of the coordinator task that executes the Ray Data pipeline outside the driver (the job's
+``coordinator_cpu_s``).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import time
 from pathlib import Path
 
 BATCH = 64
+SHARD_SIZE = 4096  # embed_corpus's default
 IMAGE_SIZE = 224
 OBJECT_STORE_BYTES = 1 << 30  # fixed, so both memory runs have the same Ray Data budget
 
@@ -122,11 +131,103 @@ def ray_job(model: Path, manifest: Path, output: Path, count: int, actors: int |
     from vembed.batch import embed_corpus
 
     start = time.perf_counter()
-    summary = embed_corpus(str(model), str(manifest), str(output), batch_size=BATCH, num_actors=actors, overwrite=True)
+    summary = embed_corpus(
+        str(model),
+        str(manifest),
+        str(output),
+        batch_size=BATCH,
+        shard_size=SHARD_SIZE,
+        num_actors=actors,
+        overwrite=True,
+    )
     seconds = time.perf_counter() - start
     if summary["embedded"] != count:
         raise RuntimeError(f"the job embedded {summary['embedded']} of {count} images: {summary}")
     return {"end_to_end": count / seconds, "steady": summary["steady_rows_per_s"], "startup_s": summary["startup_s"]}
+
+
+def old_driver_path(model: Path, manifest: Path, output: Path, count: int, actors: int | None) -> dict[str, float]:
+    """The write path before #19 (vembed 37ab901, benchmark-only reproduction): the same listing, input blocks,
+    pools, :class:`Decoder` and :class:`Embedder` as the job, but the vectors come back to the driver in corpus order
+    (``preserve_order``, ``iter_batches``) and the driver assembles and writes each shard itself, atomically, the
+    moment its last row arrives. Images/s end to end and after the first rows came back, as for :func:`ray_job`."""
+    import shutil
+
+    import numpy as np
+    import ray
+
+    from vembed.batch.job import block_rows, pending_blocks, resolve_actor_pool
+    from vembed.batch.pipeline import ACTOR_CPUS, WAIT_FOR_ACTORS_S, Decoder, Embedder, min_decoders, pools_fit
+    from vembed.batch.shards import plan_shards
+    from vembed.batch.sources import list_corpus
+    from vembed.batch.writer import EMBEDDINGS_DIR, ERRORS_DIR, OutputStore, embeddings_table, errors_table
+
+    start = time.perf_counter()
+    shutil.rmtree(output, ignore_errors=True)
+    for folder in (EMBEDDINGS_DIR, ERRORS_DIR):
+        (output / folder).mkdir(parents=True)
+    listing = list_corpus(str(manifest), "image", None, None, None)
+    shards = plan_shards(len(listing), SHARD_SIZE)
+    cluster = ray.cluster_resources()
+    pool = resolve_actor_pool(actors, None, None, None, None, cluster)
+    rows_per_block = block_rows(len(listing), BATCH, SHARD_SIZE, pool.max_size + pool.max_decoders)
+    dataset = ray.data.from_arrow_refs(pending_blocks(listing, set(), SHARD_SIZE, rows_per_block))
+    dataset = dataset.map_batches(
+        Decoder,
+        fn_constructor_kwargs={"model_path": str(model)},
+        compute=ray.data.ActorPoolStrategy(min_size=min_decoders(pool), max_size=pool.max_decoders),
+        batch_size=BATCH,
+        batch_format="numpy",
+        num_cpus=ACTOR_CPUS,
+    )
+    dataset = dataset.map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "model_path": str(model),
+            "modality": "image",
+            "dtype": "float32",
+            "dim": None,
+            "use_gpu": pool.num_gpus > 0,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        batch_size=BATCH,
+        batch_format="numpy",
+        num_cpus=ACTOR_CPUS,
+        num_gpus=pool.num_gpus,
+    )
+    dataset.context.execution_options.preserve_order = True  # rows reach the driver in corpus order
+    if pools_fit(pool, "image", cluster):
+        dataset.context.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
+    store = OutputStore(str(output))
+    parts: list[dict[str, np.ndarray]] = []
+    held = received = written = 0
+    first: tuple[float, int] | None = None
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        received += len(batch["position"])
+        first = first or (time.perf_counter(), received)
+        parts.append(batch)
+        held += len(batch["position"])
+        while written < len(shards) and held >= len(shards[written]):
+            shard = shards[written]
+            rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+            take = len(shard)
+            if not np.array_equal(rows["position"][:take], np.arange(shard.start, shard.stop)):
+                raise RuntimeError(f"shard {shard.index}: rows out of order")
+            bad = rows["error"][:take] != ""
+            ids, sources, vectors = rows["id"][:take], rows["source"][:take], rows["embedding"][:take]
+            store.write_shard(
+                shard,
+                embeddings_table(ids[~bad], sources[~bad], vectors[~bad], "float32"),
+                errors_table(ids[bad], sources[bad], rows["error"][:take][bad]),
+            )
+            parts = [{key: column[take:] for key, column in rows.items()}]
+            held -= take
+            written += 1
+    seconds = time.perf_counter() - start
+    if written != len(shards) or received != count:
+        raise RuntimeError(f"the old path wrote {written} of {len(shards)} shards, {received} of {count} rows")
+    after = time.perf_counter() - first[0]
+    return {"end_to_end": count / seconds, "steady": (received - first[1]) / after, "startup_s": first[0] - start}
 
 
 def _tree_pss(pid: int) -> int:
@@ -196,7 +297,8 @@ def measure_memory(model: Path, manifest: Path, output: Path) -> dict[str, float
 
 def driver_run(model: Path, manifest: Path, output: Path) -> dict[str, float]:
     """In a fresh process: start Ray, run a text job with 2 model actors, and return the driver's own cost: peak
-    RSS (MiB, sampled every 0.05 s) and CPU seconds (user + system of this process only) over the job."""
+    RSS (MiB, sampled every 0.05 s) and CPU seconds (user + system of this process only) over the job, and the
+    coordinator task's CPU seconds."""
     import psutil
     import ray
 
@@ -229,6 +331,7 @@ def driver_run(model: Path, manifest: Path, output: Path) -> dict[str, float]:
         "peak_mib": peak[0] / 2**20,
         "idle_mib": idle / 2**20,
         "cpu_s": (used.user - cpu.user) + (used.system - cpu.system),
+        "coordinator_cpu_s": summary["coordinator_cpu_s"],
         "seconds": seconds,
         "rows": summary["embedded"],
     }
@@ -289,14 +392,22 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
-    plain, job = [], []
-    for _ in range(args.repeats):
+    plain, job, old = [], [], []
+    actors = args.actors or None
+    for round_ in range(args.repeats):
         plain.append(plain_loop(model, paths[: args.images]))
-        job.append(ray_job(model, manifest, args.work / "out-throughput", args.images, args.actors or None))
+        cases = [
+            lambda: job.append(ray_job(model, manifest, args.work / "out-throughput", args.images, actors)),
+            lambda: old.append(old_driver_path(model, manifest, args.work / "out-old-path", args.images, actors)),
+        ]
+        for case in cases if round_ % 2 == 0 else cases[::-1]:  # (b) then (c), then (c) then (b)
+            case()
     ray.shutdown()
 
     plain_rate = statistics.median(plain)
     job_rate, steady_rate = (statistics.median(run[key] for run in job) for key in ("end_to_end", "steady"))
+    old_rate, old_steady = (statistics.median(run[key] for run in old) for key in ("end_to_end", "steady"))
+    paired = statistics.median(b["steady"] / c["steady"] for b, c in zip(job, old, strict=True))  # same load
     print_table(
         [
             (
@@ -311,9 +422,19 @@ def main() -> None:
             ("(b) start-up: actors, imports, model load (s)", f"{statistics.median(r['startup_s'] for r in job):.1f}"),
             ("(b) / (a) end to end  [goal >= 1.2]", f"{job_rate / plain_rate:.2f}"),
             ("(b) / (a) after start-up", f"{steady_rate / plain_rate:.2f}"),
+            ("(c) old path: the driver writes the shards, end to end (images/s)", f"{old_rate:.1f}"),
+            ("(c) after start-up (images/s)", f"{old_steady:.1f}"),
+            ("(b) / (c) after start-up  [goal >= 1]", f"{steady_rate / old_steady:.2f}"),
+            ("(b) / (c) after start-up, median of the rounds' ratios (paired)", f"{paired:.2f}"),
+            ("(b) / (c) end to end", f"{job_rate / old_rate:.2f}"),
             (
-                "rounds (a) | (b) end to end",
-                f"{[round(v, 1) for v in plain]} | {[round(r['end_to_end'], 1) for r in job]}",
+                "rounds (a) | (b) | (c) end to end",
+                f"{[round(v, 1) for v in plain]} | {[round(r['end_to_end'], 1) for r in job]} | "
+                f"{[round(r['end_to_end'], 1) for r in old]}",
+            ),
+            (
+                "rounds (b) | (c) after start-up",
+                f"{[round(r['steady'], 1) for r in job]} | {[round(r['steady'], 1) for r in old]}",
             ),
         ]
     )
@@ -328,6 +449,10 @@ def main() -> None:
                 ("driver RSS before the job (MiB)", f"{drv[small]['idle_mib']:.0f} / {drv[large]['idle_mib']:.0f}"),
                 (f"driver CPU s, {small} / {large} texts", f"{drv[small]['cpu_s']:.1f} / {drv[large]['cpu_s']:.1f}"),
                 (f"CPU {large} / {small}  [goal <= 1.2]", f"{drv[large]['cpu_s'] / drv[small]['cpu_s']:.2f}"),
+                (
+                    f"coordinator task's CPU s (Ray Data's executor, not in the driver), {small} / {large}",
+                    f"{drv[small]['coordinator_cpu_s']:.1f} / {drv[large]['coordinator_cpu_s']:.1f}",
+                ),
                 (
                     f"job texts/s at {small} / {large}",
                     f"{small / drv[small]['seconds']:.0f} / {large / drv[large]['seconds']:.0f}",

@@ -356,6 +356,7 @@ def test_bad_files_are_listed_exactly_in_errors(image_run, mixed_corpus):
     assert errors[ids["gone.jpg"]]["source"] == str(mixed_corpus["root"] / "gone.jpg")
     summary = image_run["summary"]
     assert (summary["items"], summary["embedded"], summary["errors"]) == (25, 22, 3)
+    assert summary["coordinator_cpu_s"] > 0  # the task that executed the pipeline (not the driver) reports its CPU
     # The model actors wrote every shard (the driver saw only their reports), each recording its node.
     node = ray.get_runtime_context().get_node_id()
     assert summary["writer_nodes"] == {node: 4} and set(writer_nodes(str(image_run["output"])).values()) == {node}
@@ -367,6 +368,32 @@ def test_bad_files_are_listed_exactly_in_errors(image_run, mixed_corpus):
         "shards": 4,
     }
     assert manifest["embedding_dim"] == 32 and manifest["normalize"] is True
+
+
+@pytest.mark.ray
+def test_the_pipeline_executes_in_a_coordinator_task_not_in_the_driver(ray_local):
+    """Ray Data's streaming executor polls, so its CPU grows with a job's duration: it runs in the coordinator task
+    and no executor thread starts in the driver, which still receives every batch once; the coordinator reports
+    its CPU seconds."""
+    import threading
+
+    import ray
+
+    from vembed.batch.coordinator import Coordinator
+
+    dataset = ray.data.range(40, override_num_blocks=4).map_batches(lambda b: {"id": b["id"] * 2}, batch_size=None)
+    coordinator = Coordinator(dataset)
+    seen, executors = [], set()
+    for batch in coordinator:
+        seen.extend(batch["id"].tolist())
+        executors |= {t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor")}
+    assert sorted(seen) == list(range(0, 80, 2))
+    assert not executors, executors
+    assert coordinator.cpu_s is not None and coordinator.cpu_s > 0
+    # the same dataset iterated here does start an executor thread in this process (what the check above would see)
+    for _ in dataset.iter_batches(batch_size=None):
+        executors |= {t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor")}
+    assert executors
 
 
 @pytest.mark.ray

@@ -11,10 +11,12 @@ which is what gives exactly-once output after a crash of the driver or of any no
 not used because it names files by task, so a crash could leave a shard half-written under a name a rerun cannot
 recognise.
 
-The driver plans, then only records progress: order is not preserved, and what it iterates is one small report per
+The driver plans, then only records progress: order is not preserved, and what it receives is one small report per
 (batch, shard) -- rows, errors, whether the shard finished and on which node -- from which it prints rows/s, shards
-done, errors and an ETA, and rewrites ``_manifest.json`` as shards finish. Its memory and CPU do not grow with the
-corpus beyond a few bytes per shard and per listing block.
+done, errors and an ETA, and rewrites ``_manifest.json`` as shards finish. Ray Data's streaming executor, whose CPU
+grows with the job's duration (it polls), runs in a coordinator task on the driver's node
+(:mod:`vembed.batch.coordinator`), not in the driver, which blocks on the reports. The driver's memory and CPU do
+not grow with the corpus beyond a few bytes per shard and per listing block.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from vembed.batch.coordinator import Coordinator
 from vembed.batch.options import DTYPES, FORMATS, MODALITIES
 from vembed.batch.pipeline import ACTOR_CPUS, ActorPool, build_dataset, check_instruction, pools_fit
 from vembed.batch.progress import JobProgress
@@ -96,7 +99,8 @@ def embed_corpus(
         A summary: totals over the output (``items``, ``embedded``, ``errors``, ``shards``), this run's
         ``rows``, ``shards_written``, ``shards_skipped``, ``seconds``, ``rows_per_s``, ``startup_s`` (until the
         first rows came back), ``steady_rows_per_s`` (after that), ``max_open_shards`` (most shards partly written at
-        once), ``writer_nodes`` (shards finished per Ray node), ``embedding_dim`` and ``output``.
+        once), ``writer_nodes`` (shards finished per Ray node), ``coordinator_cpu_s`` (CPU seconds of the task
+        that executed the pipeline; None when nothing was pending), ``embedding_dim`` and ``output``.
     """
     _check_options(modality, batch_size, dtype, dim, format, num_actors, min_actors, max_actors)
     resolve_source(model_path)  # a missing model directory fails here, before any Ray work
@@ -134,6 +138,7 @@ def embed_corpus(
     progress = JobProgress(len(shards), done, sum(len(shard) for shard in pending))
     store.write_manifest({**manifest, "status": "running", "progress": progress.report()})
 
+    coordinator_cpu_s = None
     if pending:
         pool = resolve_actor_pool(num_actors, min_actors, max_actors, num_gpus_per_actor, max_decoders, cluster)
         rows_per_block = block_rows(progress.pending_rows, batch_size, shard_size, pool.max_size + pool.max_decoders)
@@ -148,7 +153,7 @@ def embed_corpus(
         dataset = build_dataset(
             items, modality, model["model_path"], pool, batch_size, dtype, dim, writer, instruction, wait
         )
-        _follow(dataset, store, manifest, progress)
+        coordinator_cpu_s = _follow(dataset, store, manifest, progress)
         unfinished = sorted(s.index for s in pending if not store.is_complete(s))
         if unfinished:
             raise RuntimeError(
@@ -167,6 +172,7 @@ def embed_corpus(
         "max_open_shards": progress.max_open_shards,
         "writer_nodes": dict(progress.writer_nodes),
         "shards_skipped": len(done),
+        "coordinator_cpu_s": None if coordinator_cpu_s is None else round(coordinator_cpu_s, 3),
     }
     if progress.first is not None:
         run["startup_s"] = round(progress.first[0] - progress.started, 3)
@@ -207,11 +213,14 @@ MANIFEST_EVERY_S = 1.0
 PRINT_EVERY_S = 10.0
 
 
-def _follow(dataset: Any, store: OutputStore, manifest: dict[str, Any], progress: JobProgress) -> None:
-    """Run the pipeline, folding the writers' reports into ``progress``; rewrite the manifest when shards finish
-    (at most every ``MANIFEST_EVERY_S``) and print a progress line every ``PRINT_EVERY_S``."""
+def _follow(dataset: Any, store: OutputStore, manifest: dict[str, Any], progress: JobProgress) -> float | None:
+    """Run the pipeline in a coordinator task (:mod:`vembed.batch.coordinator`: Ray Data's executor does not run in
+    the driver), folding the writers' reports into ``progress``; rewrite the manifest when shards finish (at most
+    every ``MANIFEST_EVERY_S``) and print a progress line every ``PRINT_EVERY_S``. Returns the coordinator's CPU
+    seconds."""
     last_manifest = last_print = 0.0
-    for report in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+    coordinator = Coordinator(dataset)
+    for report in coordinator:
         finished = progress.update(report)
         now = time.monotonic()
         if finished and now - last_manifest >= MANIFEST_EVERY_S:
@@ -220,6 +229,7 @@ def _follow(dataset: Any, store: OutputStore, manifest: dict[str, Any], progress
         if now - last_print >= PRINT_EVERY_S:
             print(progress.line(), flush=True)
             last_print = now
+    return coordinator.cpu_s
 
 
 def block_rows(pending_rows: int, batch_size: int, shard_size: int, workers: int) -> int:
