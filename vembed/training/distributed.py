@@ -54,6 +54,15 @@ def in_ray_train_worker() -> bool:
     return True
 
 
+def in_ray_train_local_mode() -> bool:
+    """True inside a Ray Train run with ``num_workers=0``: the loop runs in the caller's process, without storage
+    to resume from (call only where :func:`in_ray_train_worker` is true)."""
+    import ray.train
+    from ray.train.v2.api.context import LocalTrainContext
+
+    return isinstance(ray.train.get_context(), LocalTrainContext)
+
+
 def select_device(config: VEmbedConfig | Mapping[str, Any]) -> torch.device:
     """This rank's device: Ray Train's assigned GPU, else ``cuda`` when available and allowed, else CPU."""
     cfg = as_config(config)

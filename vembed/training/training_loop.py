@@ -53,6 +53,7 @@ from vembed.training.distributed import (
     average_gradients,
     clip_grad_norm,
     distributed_world,
+    in_ray_train_local_mode,
     in_ray_train_worker,
     is_sharded,
     unwrap_model,
@@ -498,18 +499,18 @@ class Trainer:
         deletes the local directory once uploaded, and the run's end waits for pending uploads.
         """
         import ray.train
-        from ray.train.v2.api.context import LocalTrainContext
 
-        if isinstance(ray.train.get_context(), LocalTrainContext):  # num_workers=0: no storage to resume from
+        if in_ray_train_local_mode():  # num_workers=0: no storage to resume from
             ray.train.report(metrics)
             return
         local = tempfile.mkdtemp(prefix="vembed-ckpt-")
-        wrote = save_training_state(
+        checkpoint = None
+        if save_training_state(
             local, self.model, self.optimizer, self.scheduler, self.progress, self._stateful_modules()
-        )
-        if not wrote:
-            shutil.rmtree(local, ignore_errors=True)
-        checkpoint = ray.train.Checkpoint.from_directory(local) if wrote else None
+        ):
+            checkpoint = ray.train.Checkpoint.from_directory(local)
+        else:
+            shutil.rmtree(local, ignore_errors=True)  # this rank wrote nothing
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
     def _stateful_modules(self) -> dict[str, Any]:

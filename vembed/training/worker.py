@@ -27,7 +27,7 @@ from torch import nn
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.training.checkpointing import TrainingProgress
-from vembed.training.distributed import distributed_world, select_device, wrap_model
+from vembed.training.distributed import distributed_world, in_ray_train_local_mode, select_device, wrap_model
 from vembed.training.failures import raise_user_error
 from vembed.training.optimizer_builder import build_optimizer, build_scheduler
 from vembed.training.progress import quiet_ray_train_reports
@@ -185,15 +185,12 @@ def intra_op_threads(config: VEmbedConfig) -> int:
     would leave a model trained on CPU one thread however many cores the node has (measured on 2 cores: a CLIP step
     1.7x slower than with 2 threads).
     """
-    from ray.train.v2.api.context import LocalTrainContext
-
     if config.torch_threads > 0:
         return config.torch_threads
-    context = ray.train.get_context()
-    if isinstance(context, LocalTrainContext):
+    if in_ray_train_local_mode():
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(context.get_local_world_size(), 1))
+    return max(1, cores // max(ray.train.get_context().get_local_world_size(), 1))
 
 
 def worker_node_ids() -> list[str]:
