@@ -13,18 +13,22 @@ global batch size. Cases:
     (s) seed    the seed API as a new user calls it: ``VEmbedFactoryTrainer(model).train(data, out, epochs=E,
                 batch_size=B)`` with every other setting at its default (1 worker, shuffling on)
 
-Every case trains ``--epochs`` epochs (3) of ``--steps`` steps and is timed over the last: the first absorbs
-start-up (Train workers and Ray Data worker processes importing torch and transformers, first batches, the cache
-filling), the second the one-time costs of the first end-of-epoch checkpoint and the first cached epoch, as in any
-run longer than a few minutes. vembed reports samples/s per logging window, so ``logging_steps`` is one epoch; the
-last window also pays the previous epoch's end (checkpoint, the next Ray Data execution starting). Each vembed case also prints rank 0's time
-per loop phase over that window (``vembed.training.step_timing``). ``--cache`` sets ``cache_preprocessed`` for
-(b)-(d) (the seed case keeps the default, auto): ``false`` measures streaming, where every epoch preprocesses again.
+Every case trains 2K epochs of ``--steps`` steps and is timed over the last K (``--timed-epochs``, 3): the first
+K absorb start-up (Train workers and Ray Data worker processes importing torch and transformers, first batches,
+the cache filling) and the one-time costs of the first end-of-epoch checkpoint and the first cached epoch, as in
+any run longer than a few minutes. vembed reports samples/s per logging window, so ``logging_steps`` is K epochs;
+the timed window also pays each epoch's end (checkpoint, the next Ray Data execution starting). On a shared
+2-core VM single epochs vary by about ±15 %, so K epochs are timed rather than one. Each vembed case also prints
+rank 0's time per loop phase over that window (``vembed.training.step_timing``) and, on Linux, the CPU each
+process on the machine used over the same window (from ``/proc``, in % of one core): the training process(es),
+Ray Data's tasks and actors, Ray Train's actors, vembed's own actors and Ray's daemons. ``--cache`` sets
+``cache_preprocessed`` for (b)-(d) (the seed case keeps the default, auto): ``false`` measures streaming, where
+every epoch preprocesses again.
 Model FLOP/s are the FLOPs of one training step (counted with ``torch.utils.flop_counter``) times steps/s, as a
 fraction of this CPU's measured float32 matmul peak. Goals (issue 18): b/a >= 0.95, c/a >= 0.9, seed/a >= 0.9,
 d/c as high as the cores allow.
 
-    python benchmarks/train_throughput.py [--steps 16] [--epochs 3] [--batch-size 32] [--cases abcds] [--cache auto]
+    python benchmarks/train_throughput.py [--steps 16] [--timed-epochs 3] [--batch-size 32] [--cases abcds] [--cache auto]
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,11 +118,119 @@ def plain_loop(cfg: dict, steps: int, threads: int) -> tuple[float, float, float
             step(batch)
         return steps * cfg["batch_size"] / (time.perf_counter() - start)
 
-    for _ in range(cfg["epochs"] - 1):  # the epochs before the timed one, as in the vembed cases
+    timed_epochs = cfg["logging_steps"] // steps
+    for _ in range(cfg["epochs"] - timed_epochs):  # the warm-up epochs, as in the vembed cases
         timed(loader)  # the data set holds exactly `steps` batches
-    live = timed(loader)
-    precollated = timed(batches)
+    live = over_timed_epochs("(a)", lambda: timed(loader), timed_epochs)
+    precollated = over_timed_epochs("(a')", lambda: timed(batches), timed_epochs)
     return live, precollated, float(counter.get_total_flops())
+
+
+def thread_scheduling(pid: int | str = "self") -> tuple[float, int]:
+    """Seconds the threads of process ``pid`` have spent runnable but waiting for a core, and how many times they
+    were preempted (involuntary context switches), from ``/proc`` (Linux; (0, 0) elsewhere or once it ended)."""
+    waited, preempted = 0.0, 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            waited += int((task / "schedstat").read_text().split()[1]) / 1e9
+            preempted += int((task / "status").read_text().split("nonvoluntary_ctxt_switches:")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        pass
+    return waited, preempted
+
+
+def over_timed_epochs(name: str, epoch: Callable[[], float], epochs: int) -> float:
+    """samples/s over ``epochs`` runs of ``epoch`` (which returns its own samples/s); prints how long this process's
+    threads waited for a core meanwhile and how often they were preempted."""
+    waited, preempted = thread_scheduling()
+    start = time.perf_counter()
+    rate = epochs / sum(1 / epoch() for _ in range(epochs))
+    elapsed, (waited_after, preempted_after) = time.perf_counter() - start, thread_scheduling()
+    print(
+        f"{name} threads waited for a core {100 * (waited_after - waited) / elapsed:.1f} % of one core, preempted "
+        f"{(preempted_after - preempted) / elapsed:.0f} times/s",
+        flush=True,
+    )
+    return rate
+
+
+class ProcessCpu:
+    """CPU time of every process on this machine, sampled from ``/proc`` every ``interval`` seconds in a thread,
+    to say which processes used the cores over a training window, and how often the training threads waited for
+    a core (Linux only; elsewhere it records nothing)."""
+
+    def __init__(self, training: set[str], interval: float = 1.0) -> None:
+        self.training = training  # process names as /proc shows them (15 characters at most)
+        self.interval = interval
+        # (time, {pid: (name, cpu seconds, seconds waiting for a core, preemptions)}); the last two for training only
+        self.samples: list[tuple[float, dict[int, tuple[str, float, float, int]]]] = []
+        self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        if Path("/proc/self/stat").exists():
+            threading.Thread(target=self._run, daemon=True).start()
+
+    def _is_training(self, pid: int, name: str) -> bool:
+        return pid == os.getpid() or name in self.training
+
+    def _snapshot(self) -> dict[int, tuple[str, float, float, int]]:
+        processes = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # the process ended
+                continue
+            pid, name = int(entry.name), stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            waited, preempted = thread_scheduling(pid) if self._is_training(pid, name) else (0.0, 0)
+            processes[pid] = (name, (int(fields[11]) + int(fields[12])) / self._ticks, waited, preempted)
+        return processes
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.samples.append((time.monotonic(), self._snapshot()))
+
+    def window(self, seconds: float) -> str:
+        """One line on the last ``seconds`` of training -- the window ends at the last sample in which the training
+        processes (and this one) together still used more than one core: each process's % of one core (those
+        above 0.5 %), the cores left idle, and the training threads' time waiting for a core and preemptions."""
+        busy = [i for i in range(1, len(self.samples)) if self._training_cpu(i) > self._elapsed(i - 1, i)]
+        if not busy:
+            return "CPU by process: not measured"
+        last = busy[-1]
+        first = min(range(last), key=lambda i: abs(self.samples[i][0] - (self.samples[last][0] - seconds)))
+        elapsed = self._elapsed(first, last)
+        start, end = self.samples[first][1], self.samples[last][1]
+        shares: dict[str, float] = defaultdict(float)
+        waited = preempted = 0.0
+        for pid, (name, cpu, wait, switches) in end.items():
+            before = start.get(pid, (name, 0.0, 0.0, 0))
+            shares["this process (driver)" if pid == os.getpid() else name] += 100 * (cpu - before[1]) / elapsed
+            if self._is_training(pid, name):
+                waited, preempted = waited + wait - before[2], preempted + switches - before[3]
+        idle = 100 * (os.cpu_count() or 1) - sum(shares.values())
+        parts = [f"{name} {share:.1f}" for name, share in sorted(shares.items(), key=lambda x: -x[1]) if share >= 0.5]
+        return (
+            f"CPU by process over the timed window, % of one core: {', '.join(parts)}; idle {max(idle, 0.0):.1f}. "
+            f"Training threads waited for a core {100 * waited / elapsed:.1f} % of one core, preempted "
+            f"{preempted / elapsed:.0f} times/s"
+        )
+
+    def _elapsed(self, first: int, last: int) -> float:
+        return self.samples[last][0] - self.samples[first][0]
+
+    def _training_cpu(self, i: int) -> float:
+        before, after = self.samples[i - 1][1], self.samples[i][1]
+        return sum(
+            after[pid][1] - before[pid][1] for pid in after if pid in before and self._is_training(pid, after[pid][0])
+        )
+
+    def reset(self) -> None:
+        self.samples.clear()
+
+
+TRAINING_PROCESSES = {"ray::RayTrainWo"}  # Ray Train's workers, as /proc names them (15 characters)
 
 
 def vembed_run(cfg: dict, num_workers: int, threads: int, out: Path) -> tuple[float, dict]:
@@ -143,7 +258,9 @@ def seed_api_run(cfg: dict, out: Path) -> tuple[float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps per epoch")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per case, timed over the last (at least 2)")
+    parser.add_argument(
+        "--timed-epochs", type=int, default=3, help="K: each case trains 2K epochs and is timed over the last K"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="global batch size")
     parser.add_argument("--preprocess-tasks", type=int, default=None, help="vembed's preprocess_tasks (default: null)")
     parser.add_argument("--cases", default="abcds", help="which cases to run, e.g. 'ab' (ratios need a)")
@@ -161,9 +278,9 @@ def main() -> None:
         "model_name": str(model_dir),
         "data_path": str(data["train"]),
         "batch_size": args.batch_size,
-        "epochs": max(2, args.epochs),
+        "epochs": 2 * max(1, args.timed_epochs),
         "learning_rate": 1e-4,
-        "logging_steps": args.steps,
+        "logging_steps": args.steps * max(1, args.timed_epochs),  # one window over the warm-up, one timed
         "mixed_precision": "no",
         "shuffle": False,
         "preprocess_tasks": args.preprocess_tasks,
@@ -186,15 +303,20 @@ def main() -> None:
     cases = [("b", "(b) vembed num_workers=0", 0, cores), ("c", "(c) TorchTrainer 1 worker", 1, cores)]
     cases.append(("d", "(d) TorchTrainer 2 workers DDP", 2, max(1, cores // 2)))
     cases.append(("n", "(n) TorchTrainer 1 worker, cache_preprocessed false", 1, cores))
+    cpu = ProcessCpu(TRAINING_PROCESSES)
     for letter, name, workers, threads in cases:
         if letter in args.cases:
             case_cfg = {**cfg, "cache_preprocessed": False} if letter == "n" else cfg
+            cpu.reset()
             rates[name], metrics = vembed_run(case_cfg, workers, threads, work / f"workers{workers}{letter}")
             print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
+            print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
     if "s" in args.cases:
         name = "(s) seed API, VEmbedFactoryTrainer(...).train"
+        cpu.reset()
         rates[name], metrics = seed_api_run(cfg, work / "seed")
         print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
+        print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
     ray.shutdown()
     if "a" in args.cases:
         report(rates, flops_per_step, peak, args)
@@ -206,7 +328,7 @@ def report(rates: dict[str, float], flops_per_step: float, peak: float, args: ar
     flops_per_sample = flops_per_step / args.batch_size
     print(
         f"\nCLIP {LAYERS}x{WIDTH} towers, {IMAGE_SIZE}px, global batch {args.batch_size}, {args.steps} steps per "
-        f"epoch, timed over epoch {max(2, args.epochs)}, "
+        f"epoch, timed over the last {args.timed_epochs} of {2 * args.timed_epochs} epochs, "
         f"{os.cpu_count()} cores; matmul peak {peak / 1e9:.1f} GFLOP/s; {flops_per_step / 1e9:.2f} GFLOP per step"
     )
     print("| case | samples/s | vs (a) | model FLOP/s / peak |\n|---|---|---|---|")

@@ -25,6 +25,7 @@ from vembed.data.pipeline import (
     iter_train_batches,
 )
 from vembed.data.processing import Preprocessor
+from vembed.data.run_state import RunState
 from vembed.testing import make_shapes_dataset
 
 CFG = {"retrieval_mode": "t2i", "shuffle": True, "shuffle_seed": 5}
@@ -64,11 +65,26 @@ def assert_same_batches(got: list[dict[str, torch.Tensor]], expected: list[dict[
 
 
 @pytest.mark.ray
+def test_state_objects_sharing_one_run_state_keep_their_own_values(ray_local):
+    state = RunState()
+    first, second = EpochClock(state=state), EpochClock(state=state)
+    counter, other_counter = BadRecordCounter(state=state), BadRecordCounter()
+    first.set(3)
+    assert (first.get(), second.get()) == (3, 0)
+    counter.add([("r1", "a.jsonl:1", "no image"), ("r2", "a.jsonl:2", "no image")])
+    assert (counter.total(), other_counter.total()) == (2, 0)
+    assert [b.record_id for b in counter.examples()] == ["r1", "r2"]
+    cache = PreprocessedCache(budget_bytes=0, state=state)  # no room: rows are not kept, bad records are
+    cache.add(["a.jsonl:3"], {"x": torch.zeros(1, 2).numpy()}, [])
+    assert cache.stats() == {"rows": 0, "bad": 0, "bytes": 0, "budget": 0}
+
+
+@pytest.mark.ray
 def test_cached_epochs_yield_the_streaming_batches_bad_counts_and_resume(ray_local, tmp_path, clip_pre):
     data = mixed_records(tmp_path)
 
-    def run(cache):
-        clock, counter = EpochClock(), BadRecordCounter()
+    def run(cache, state=None):
+        clock, counter = EpochClock(state=state), BadRecordCounter(state=state)
         ds = build_train_dataset(data, clip_pre, CFG, bad_records=counter, epoch_clock=clock, cache=cache)
         return ds, clock, counter
 
@@ -77,8 +93,9 @@ def test_cached_epochs_yield_the_streaming_batches_bad_counts_and_resume(ray_loc
     assert s_bad.total() == 6  # 3 bad records, counted in each epoch
     assert [len(b) for b in expected] == [5, 5]  # 22 good rows: 5 full batches of 4
 
-    cache = PreprocessedCache()
-    cached, c_clock, c_bad = run(cache)
+    state = RunState()  # as a training run holds them: clock, counter and cache in one actor
+    cache = PreprocessedCache(state=state)
+    cached, c_clock, c_bad = run(cache, state)
     assert_same_batches(epoch_batches(cached, c_clock, 0), expected[0])  # the epoch that fills the cache
     assert cache.stats()["rows"] == 22 and cache.stats()["bad"] == 3
     assert c_bad.total() == 3

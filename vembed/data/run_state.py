@@ -1,14 +1,17 @@
 """Small run-wide state shared by a training run's driver, Ray Data tasks and Train workers.
 
-Zero-CPU Ray actors, pinned to the driver's node, behind picklable handles: :class:`BadRecordCounter` (the
-records the pipeline dropped), :class:`EpochClock` (the epoch a data set is being read for) and
-:class:`PreprocessedCache` (preprocessed rows kept for later epochs). This module imports nothing but Ray and
-NumPy: an actor's process imports the module that defines its class, and a module that pulled
-in torch and transformers would cost every training run seconds of CPU per actor before it could start.
+Picklable handles to state held in a zero-CPU Ray actor pinned to the driver's node: :class:`BadRecordCounter`
+(the records the pipeline dropped), :class:`EpochClock` (the epoch a data set is being read for) and
+:class:`PreprocessedCache` (preprocessed rows kept for later epochs). A training run keeps all three in one actor,
+its :class:`RunState`: every Ray worker process costs its node about 1 % of a core even when idle (its main
+thread wakes every 10 ms), which on a small node is taken from the training threads. This module imports nothing
+but Ray and NumPy: an actor's process imports the module that defines its class, and a module that pulled in
+torch and transformers would cost every training run seconds of CPU per actor before it could start.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +30,51 @@ def _on_this_node() -> NodeAffinitySchedulingStrategy:
 
 
 @ray.remote(num_cpus=0)
+class _StateHost:
+    """The actor behind a :class:`RunState`: state objects by key, their methods called one at a time."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, Any] = {}
+
+    def hold(self, key: str, cls: type, args: tuple[Any, ...]) -> None:
+        self._held[key] = cls(*args)
+
+    def call(self, key: str, method: str, *args: Any) -> Any:
+        return getattr(self._held[key], method)(*args)
+
+
+class _Held:
+    """One state object inside a :class:`RunState`'s actor; :meth:`call` runs one of its methods there."""
+
+    def __init__(self, host: Any, key: str) -> None:
+        self._host = host
+        self._key = key
+
+    def call(self, method: str, *args: Any) -> ray.ObjectRef:
+        return self._host.call.remote(self._key, method, *args)
+
+
+class RunState:
+    """One zero-CPU actor on the driver's node that holds a run's shared state objects.
+
+    Give it to :class:`BadRecordCounter`, :class:`EpochClock` and :class:`PreprocessedCache` (``state=``) so the
+    three live in one process instead of three; each made without one gets an actor of its own. If the driver's
+    node dies the job ends anyway, while an actor on a worker node would die with it and break every restarted
+    attempt that reports to it. Requires a running Ray instance.
+    """
+
+    def __init__(self) -> None:
+        self._host = _StateHost.options(scheduling_strategy=_on_this_node()).remote()
+
+    def hold(self, cls: type, *args: Any) -> _Held:
+        """A new ``cls(*args)`` in the actor (made before this returns, so any process may call it at once)."""
+        key = uuid.uuid4().hex
+        ray.get(self._host.hold.remote(key, cls, args))
+        return _Held(self._host, key)
+
+
 class _BadRecordTally:
-    """Actor state behind :class:`BadRecordCounter`."""
+    """State behind :class:`BadRecordCounter`."""
 
     def __init__(self, max_examples: int) -> None:
         self._count = 0
@@ -49,33 +95,33 @@ class _BadRecordTally:
 class BadRecordCounter:
     """Counts the records the pipeline dropped under ``on_bad_record: skip``, across all Data workers.
 
-    A picklable handle to a tiny (zero-CPU) Ray actor: create it in the driver, pass it to
-    :func:`build_train_dataset`, and read :meth:`total` anywhere (driver or Train worker) to report it. Every epoch
-    re-reads the data, so a record that stays bad is counted once per epoch. Requires a running Ray instance.
+    A picklable handle to state in a :class:`RunState` (``state``, else one of its own): create it in the driver,
+    pass it to :func:`build_train_dataset`, and read :meth:`total` anywhere (driver or Train worker) to report it.
+    Every epoch re-reads the data, so a record that stays bad is counted once per epoch. Requires a running Ray
+    instance.
     """
 
-    def __init__(self, max_examples: int = 20) -> None:
-        self._actor = _BadRecordTally.options(scheduling_strategy=_on_this_node()).remote(max_examples)
+    def __init__(self, max_examples: int = 20, state: RunState | None = None) -> None:
+        self._held = (state or RunState()).hold(_BadRecordTally, max_examples)
 
     def add(self, bad: Sequence[BadRecord]) -> None:
         """Record dropped records (waits for the actor so a later :meth:`total` includes them)."""
         if bad:
-            ray.get(self._actor.add.remote([tuple(b) for b in bad]))
+            ray.get(self._held.call("add", [tuple(b) for b in bad]))
 
     def total(self) -> int:
         """How many records have been dropped so far."""
-        return ray.get(self._actor.total.remote())
+        return ray.get(self._held.call("total"))
 
     def examples(self) -> list[BadRecord]:
         """The first few dropped records (id, source, error), for logs."""
         from vembed.data.batching import BadRecord  # here, not at the top: the actor's process never needs it
 
-        return [BadRecord(*b) for b in ray.get(self._actor.examples.remote())]
+        return [BadRecord(*b) for b in ray.get(self._held.call("examples"))]
 
 
-@ray.remote(num_cpus=0)
 class _EpochValue:
-    """Actor state behind :class:`EpochClock`."""
+    """State behind :class:`EpochClock`."""
 
     def __init__(self) -> None:
         self._epoch = 0
@@ -90,28 +136,28 @@ class _EpochValue:
 class EpochClock:
     """The epoch a training data set is being read for: set by the consumers, read when an execution starts.
 
-    A picklable handle to a tiny (zero-CPU) Ray actor, pinned to the driver's node like
-    :class:`BadRecordCounter` (it outlives Train worker restarts). Create it in the driver, pass it to
-    :func:`build_train_dataset` and to :func:`iter_train_batches`. Requires a running Ray instance.
+    A picklable handle to state in a :class:`RunState` (``state``, else one of its own; it outlives Train worker
+    restarts). Create it in the driver, pass it to :func:`build_train_dataset` and to :func:`iter_train_batches`.
+    Requires a running Ray instance.
     """
 
-    def __init__(self) -> None:
-        self._actor = _EpochValue.options(scheduling_strategy=_on_this_node()).remote()
+    def __init__(self, state: RunState | None = None) -> None:
+        self._held = (state or RunState()).hold(_EpochValue)
 
     def set(self, epoch: int) -> None:
         """Select the epoch the next execution reads (waits, so an execution started after this sees it)."""
-        ray.get(self._actor.set.remote(int(epoch)))
+        ray.get(self._held.call("set", int(epoch)))
 
     def get(self) -> int:
         """The epoch last set (0 before any)."""
-        return ray.get(self._actor.get.remote())
+        return ray.get(self._held.call("get"))
 
 
-@ray.remote(num_cpus=0)
 class _PreprocessedRows:
-    """Actor state behind :class:`PreprocessedCache`: record source -> (object holding its row, row index), or the
-    record's :class:`BadRecord` when it was dropped. The actor puts the objects itself, so it owns them and they
-    live as long as the run, whichever Data worker process preprocessed the rows."""
+    """State behind :class:`PreprocessedCache`: record source -> (object holding its row, row index), or the
+    record's :class:`BadRecord` when it was dropped. It puts the objects itself, in its :class:`RunState`'s actor,
+    so that actor owns them and they live as long as the run, whichever Data worker process preprocessed the
+    rows."""
 
     def __init__(self, budget_bytes: float) -> None:
         self._rows: dict[str, tuple[list[Any], int] | tuple[None, tuple[str, str, str]]] = {}
@@ -143,7 +189,8 @@ class _PreprocessedRows:
 class PreprocessedCache:
     """Preprocessed rows kept in the object store after their first epoch, for later epochs to reuse.
 
-    A picklable handle to a zero-CPU actor pinned to the driver's node (like :class:`BadRecordCounter`). The
+    A picklable handle to state in a :class:`RunState` (``state``, else one of its own), like
+    :class:`BadRecordCounter`. The
     preprocessing tasks of :func:`build_train_dataset` look every record up by its source (file and line): a hit
     is the row the first epoch made, a miss is preprocessed and added while fewer than ``budget_bytes`` are held.
     The read stage is unchanged -- file, window and row order still come from (seed, epoch) through the
@@ -152,24 +199,24 @@ class PreprocessedCache:
     remembered as such and counted again in every epoch, as streaming counts it. Requires a running Ray instance.
     """
 
-    def __init__(self, budget_bytes: float = float("inf")) -> None:
-        self._actor = _PreprocessedRows.options(scheduling_strategy=_on_this_node()).remote(float(budget_bytes))
+    def __init__(self, budget_bytes: float = float("inf"), state: RunState | None = None) -> None:
+        self._held = (state or RunState()).hold(_PreprocessedRows, float(budget_bytes))
 
     def lookup(self, keys: list[str]) -> list[Any]:
         """Per key: ``([ref], row)`` for a cached row, ``(None, bad_record)`` for a dropped record, else None."""
-        return ray.get(self._actor.lookup.remote(keys))
+        return ray.get(self._held.call("lookup", keys))
 
     def add(self, keys: list[str], batch: Mapping[str, np.ndarray], bad: Sequence[BadRecord]) -> None:
         """Keep ``batch`` (rows of the records ``keys``, in order) when it fits the budget; remember ``bad``."""
         nbytes = batch_nbytes(batch) if batch else 0
-        keep = bool(batch) and ray.get(self._actor.room_for.remote(nbytes))  # past the budget: no copy is sent
+        keep = bool(batch) and ray.get(self._held.call("room_for", nbytes))  # past the budget: no copy is sent
         if keep or bad:
             bad_by_key = {b.source: tuple(b) for b in bad}
-            ray.get(self._actor.add.remote(keys, dict(batch) if keep else None, nbytes, bad_by_key))
+            ray.get(self._held.call("add", keys, dict(batch) if keep else None, nbytes, bad_by_key))
 
     def stats(self) -> dict[str, float]:
         """Rows and dropped records held, bytes used and the budget."""
-        return ray.get(self._actor.stats.remote())
+        return ray.get(self._held.call("stats"))
 
 
 def batch_nbytes(batch: Mapping[str, np.ndarray]) -> int:

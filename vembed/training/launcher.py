@@ -162,15 +162,17 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any, Any,
         read_record_dataset,
     )
     from vembed.data.processing import Preprocessor
+    from vembed.data.run_state import RunState
 
     if config.data_path is None:
         raise ConfigError("data_path is not set: give the training records (JSONL / CSV / Parquet)")
     preprocessor = Preprocessor.from_config(config)
     num_records = read_record_dataset(config.data_path, config).count()
-    bad_records = BadRecordCounter()
-    epoch_clock = EpochClock()
+    state = RunState()  # one actor process for the three below
+    bad_records = BadRecordCounter(state=state)
+    epoch_clock = EpochClock(state=state)
     budget = cache_budget(config, num_records, preprocessor, config.data_path)
-    cache = PreprocessedCache(budget) if budget is not None else None
+    cache = PreprocessedCache(budget, state=state) if budget is not None else None
     logger.info("preprocessed rows: %s", "streamed every epoch" if cache is None else f"cached up to {budget:.3g} B")
     datasets = {"train": build_train_dataset(config.data_path, preprocessor, config, bad_records, epoch_clock, cache)}
     if config.val_data_path is not None:
