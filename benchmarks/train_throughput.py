@@ -18,10 +18,12 @@ K absorb start-up (Train workers and Ray Data worker processes importing torch a
 the cache filling) and the one-time costs of the first end-of-epoch checkpoint and the first cached epoch, as in
 any run longer than a few minutes. vembed reports samples/s per logging window, so ``logging_steps`` is K epochs;
 the timed window also pays each epoch's end (checkpoint, the next Ray Data execution starting). On a shared
-2-core VM single epochs vary by about ±15 %, so K epochs are timed rather than one. Each vembed case also prints
+2-core VM single epochs vary by about ±15 %, so K epochs are timed rather than one, and (a) runs twice, before
+Ray starts and after it has shut down, its mean the reference. Each vembed case also prints
 rank 0's time per loop phase over that window (``vembed.training.step_timing``) and, on Linux, the CPU each
 process on the machine used over the same window (from ``/proc``, in % of one core): the training process(es),
-Ray Data's tasks and actors, Ray Train's actors, vembed's own actors and Ray's daemons. ``--cache`` sets
+Ray Data's tasks and actors, Ray Train's actors, vembed's own actor and Ray's daemons, and how long the training
+threads were runnable but waiting for a core, and how often they were preempted. ``--cache`` sets
 ``cache_preprocessed`` for (b)-(d) (the seed case keeps the default, auto): ``false`` measures streaming, where
 every epoch preprocesses again.
 Model FLOP/s are the FLOPs of one training step (counted with ``torch.utils.flop_counter``) times steps/s, as a
@@ -126,29 +128,38 @@ def plain_loop(cfg: dict, steps: int, threads: int) -> tuple[float, float, float
     return live, precollated, float(counter.get_total_flops())
 
 
-def thread_scheduling(pid: int | str = "self") -> tuple[float, int]:
-    """Seconds the threads of process ``pid`` have spent runnable but waiting for a core, and how many times they
-    were preempted (involuntary context switches), from ``/proc`` (Linux; (0, 0) elsewhere or once it ended)."""
-    waited, preempted = 0.0, 0
+def thread_scheduling(pid: int | str = "self") -> dict[int, tuple[float, int]]:
+    """Per thread of process ``pid``: seconds spent runnable but waiting for a core, and how many times it was
+    preempted (involuntary context switches), from ``/proc`` (Linux; empty elsewhere or once it ended)."""
+    threads = {}
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
-            waited += int((task / "schedstat").read_text().split()[1]) / 1e9
-            preempted += int((task / "status").read_text().split("nonvoluntary_ctxt_switches:")[1].split()[0])
-    except (OSError, IndexError, ValueError):
+            waited = int((task / "schedstat").read_text().split()[1]) / 1e9
+            preempted = int((task / "status").read_text().split("nonvoluntary_ctxt_switches:")[1].split()[0])
+            threads[int(task.name)] = (waited, preempted)
+    except (OSError, IndexError, ValueError):  # the process or a thread ended meanwhile
         pass
+    return threads
+
+
+def scheduling_delta(before: dict[int, tuple[float, int]], after: dict[int, tuple[float, int]]) -> tuple[float, int]:
+    """Waiting seconds and preemptions between two :func:`thread_scheduling` readings (threads that started in
+    between count from zero, threads that ended are left out)."""
+    waited = sum(w - before.get(tid, (0.0, 0))[0] for tid, (w, _) in after.items())
+    preempted = sum(p - before.get(tid, (0.0, 0))[1] for tid, (_, p) in after.items())
     return waited, preempted
 
 
 def over_timed_epochs(name: str, epoch: Callable[[], float], epochs: int) -> float:
     """samples/s over ``epochs`` runs of ``epoch`` (which returns its own samples/s); prints how long this process's
     threads waited for a core meanwhile and how often they were preempted."""
-    waited, preempted = thread_scheduling()
-    start = time.perf_counter()
+    before, start = thread_scheduling(), time.perf_counter()
     rate = epochs / sum(1 / epoch() for _ in range(epochs))
-    elapsed, (waited_after, preempted_after) = time.perf_counter() - start, thread_scheduling()
+    elapsed = time.perf_counter() - start
+    waited, preempted = scheduling_delta(before, thread_scheduling())
     print(
-        f"{name} threads waited for a core {100 * (waited_after - waited) / elapsed:.1f} % of one core, preempted "
-        f"{(preempted_after - preempted) / elapsed:.0f} times/s",
+        f"{name} threads waited for a core {100 * waited / elapsed:.1f} % of one core, preempted "
+        f"{preempted / elapsed:.0f} times/s",
         flush=True,
     )
     return rate
@@ -162,8 +173,8 @@ class ProcessCpu:
     def __init__(self, training: set[str], interval: float = 1.0) -> None:
         self.training = training  # process names as /proc shows them (15 characters at most)
         self.interval = interval
-        # (time, {pid: (name, cpu seconds, seconds waiting for a core, preemptions)}); the last two for training only
-        self.samples: list[tuple[float, dict[int, tuple[str, float, float, int]]]] = []
+        # (time, {pid: (name, cpu seconds, training processes' thread_scheduling or {})})
+        self.samples: list[tuple[float, dict[int, tuple[str, float, dict[int, tuple[float, int]]]]]] = []
         self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         if Path("/proc/self/stat").exists():
             threading.Thread(target=self._run, daemon=True).start()
@@ -171,7 +182,7 @@ class ProcessCpu:
     def _is_training(self, pid: int, name: str) -> bool:
         return pid == os.getpid() or name in self.training
 
-    def _snapshot(self) -> dict[int, tuple[str, float, float, int]]:
+    def _snapshot(self) -> dict[int, tuple[str, float, dict[int, tuple[float, int]]]]:
         processes = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -182,8 +193,8 @@ class ProcessCpu:
                 continue
             pid, name = int(entry.name), stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()
-            waited, preempted = thread_scheduling(pid) if self._is_training(pid, name) else (0.0, 0)
-            processes[pid] = (name, (int(fields[11]) + int(fields[12])) / self._ticks, waited, preempted)
+            threads = thread_scheduling(pid) if self._is_training(pid, name) else {}
+            processes[pid] = (name, (int(fields[11]) + int(fields[12])) / self._ticks, threads)
         return processes
 
     def _run(self) -> None:
@@ -204,11 +215,11 @@ class ProcessCpu:
         start, end = self.samples[first][1], self.samples[last][1]
         shares: dict[str, float] = defaultdict(float)
         waited = preempted = 0.0
-        for pid, (name, cpu, wait, switches) in end.items():
-            before = start.get(pid, (name, 0.0, 0.0, 0))
+        for pid, (name, cpu, threads) in end.items():
+            before = start.get(pid, (name, 0.0, {}))
             shares["this process (driver)" if pid == os.getpid() else name] += 100 * (cpu - before[1]) / elapsed
-            if self._is_training(pid, name):
-                waited, preempted = waited + wait - before[2], preempted + switches - before[3]
+            wait, switches = scheduling_delta(before[2], threads)
+            waited, preempted = waited + wait, preempted + switches
         idle = 100 * (os.cpu_count() or 1) - sum(shares.values())
         parts = [f"{name} {share:.1f}" for name, share in sorted(shares.items(), key=lambda x: -x[1]) if share >= 0.5]
         return (
@@ -319,6 +330,13 @@ def main() -> None:
         print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
     ray.shutdown()
     if "a" in args.cases:
+        # The plain loop once more, after Ray's processes have gone: the reference is the mean of the two runs, so
+        # that a slow drift of this (shared) machine over the run does not tilt the ratios either way.
+        time.sleep(5)
+        plain_after, compute_only_after, _ = plain_loop(cfg, args.steps, cores)
+        print(f"(a) before the vembed cases {plain:.1f}, after {plain_after:.1f} samples/s", flush=True)
+        rates["(a) plain PyTorch loop"] = (plain + plain_after) / 2
+        rates["(a') same loop, batches decoded beforehand"] = (compute_only + compute_only_after) / 2
         report(rates, flops_per_step, peak, args)
 
 
@@ -331,6 +349,7 @@ def report(rates: dict[str, float], flops_per_step: float, peak: float, args: ar
         f"epoch, timed over the last {args.timed_epochs} of {2 * args.timed_epochs} epochs, "
         f"{os.cpu_count()} cores; matmul peak {peak / 1e9:.1f} GFLOP/s; {flops_per_step / 1e9:.2f} GFLOP per step"
     )
+    print("(a), (a'): the mean of their runs before and after the vembed cases")
     print("| case | samples/s | vs (a) | model FLOP/s / peak |\n|---|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.1f} | {rate / plain:.2f} | {rate * flops_per_sample / peak:.1%} |")
