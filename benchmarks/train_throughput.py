@@ -133,12 +133,16 @@ def thread_scheduling(pid: int | str = "self") -> dict[int, tuple[float, int]]:
     preempted (involuntary context switches), from ``/proc`` (Linux; empty elsewhere or once it ended)."""
     threads = {}
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # the process ended
+        return threads
+    for task in tasks:
+        try:
             waited = int((task / "schedstat").read_text().split()[1]) / 1e9
             preempted = int((task / "status").read_text().split("nonvoluntary_ctxt_switches:")[1].split()[0])
-            threads[int(task.name)] = (waited, preempted)
-    except (OSError, IndexError, ValueError):  # the process or a thread ended meanwhile
-        pass
+        except (OSError, IndexError, ValueError):  # this thread ended meanwhile
+            continue
+        threads[int(task.name)] = (waited, preempted)
     return threads
 
 
@@ -176,6 +180,7 @@ class ProcessCpu:
         # (time, {pid: (name, cpu seconds, training processes' thread_scheduling or {})})
         self.samples: list[tuple[float, dict[int, tuple[str, float, dict[int, tuple[float, int]]]]]] = []
         self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._stopped = threading.Event()
         if Path("/proc/self/stat").exists():
             threading.Thread(target=self._run, daemon=True).start()
 
@@ -198,9 +203,11 @@ class ProcessCpu:
         return processes
 
     def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
+        while not self._stopped.wait(self.interval):
             self.samples.append((time.monotonic(), self._snapshot()))
+
+    def stop(self) -> None:
+        self._stopped.set()
 
     def window(self, seconds: float) -> str:
         """One line on the last ``seconds`` of training -- the window ends at the last sample in which the training
@@ -328,11 +335,12 @@ def main() -> None:
         rates[name], metrics = seed_api_run(cfg, work / "seed")
         print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
         print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
+    cpu.stop()
     ray.shutdown()
     if "a" in args.cases:
         # The plain loop once more, after Ray's processes have gone: the reference is the mean of the two runs, so
         # that a slow drift of this (shared) machine over the run does not tilt the ratios either way.
-        time.sleep(5)
+        time.sleep(15)
         plain_after, compute_only_after, _ = plain_loop(cfg, args.steps, cores)
         print(f"(a) before the vembed cases {plain:.1f}, after {plain_after:.1f} samples/s", flush=True)
         rates["(a) plain PyTorch loop"] = (plain + plain_after) / 2
