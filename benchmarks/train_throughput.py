@@ -31,12 +31,14 @@ fraction of this CPU's measured float32 matmul peak. Goals (issue 18): b/a >= 0.
 d/c as high as the cores allow.
 
     python benchmarks/train_throughput.py [--steps 16] [--timed-epochs 3] [--batch-size 32] [--cases abcds] [--cache auto]
+        [--rounds 1]   # R > 1: every case R times, each round on a fresh local Ray; the median of each goal ratio
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -280,6 +282,9 @@ def main() -> None:
         "--timed-epochs", type=int, default=3, help="K: each case trains 2K epochs and is timed over the last K"
     )
     parser.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every case this many times; report each ratio's median"
+    )
     parser.add_argument("--preprocess-tasks", type=int, default=None, help="vembed's preprocess_tasks (default: null)")
     parser.add_argument("--cases", default="abcds", help="which cases to run, e.g. 'ab' (ratios need a)")
     parser.add_argument(
@@ -305,9 +310,30 @@ def main() -> None:
         "cache_preprocessed": {"auto": "auto", "true": True, "false": False}[args.cache],
     }
 
-    # The plain loop and the peak first, before Ray starts: Ray's start-up (its worker processes importing) would
-    # otherwise take the cores from under them for several seconds.
-    peak = matmul_peak(cores)
+    peak = matmul_peak(cores)  # before Ray starts
+    goal_ratios: list[dict[str, float]] = []
+    for round_index in range(args.rounds):
+        if args.rounds > 1:
+            print(f"\n## round {round_index + 1} of {args.rounds}", flush=True)
+        rates, flops_per_step = one_round(cfg, args, work / f"round{round_index}")
+        if "a" in args.cases:
+            goal_ratios.append(report(rates, flops_per_step, peak, args))
+    if len(goal_ratios) > 1:
+        print(f"\nGoal ratios per round and their median over {len(goal_ratios)} rounds:")
+        print("| ratio | " + " | ".join(f"round {i + 1}" for i in range(len(goal_ratios))) + " | median |")
+        print("|---|" + "---|" * (len(goal_ratios) + 1))
+        for key in goal_ratios[0]:
+            values = [ratios[key] for ratios in goal_ratios]
+            print(f"| {key} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {statistics.median(values):.2f} |")
+
+
+def one_round(cfg: dict, args: argparse.Namespace, work: Path) -> tuple[dict[str, float], float]:
+    """Every selected case once: the plain loop before Ray starts, the vembed cases on a fresh local Ray, the
+    plain loop again once Ray has shut down. Returns samples/s per case ((a), (a'): the mean of their two runs)
+    and the FLOPs of one step."""
+    cores = os.cpu_count() or 1
+    # The plain loop first, before Ray starts: Ray's start-up (its worker processes importing) would otherwise take
+    # the cores from under it for several seconds.
     rates: dict[str, float] = {}
     flops_per_step = 0.0
     if "a" in args.cases:
@@ -337,19 +363,19 @@ def main() -> None:
         print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
     cpu.stop()
     ray.shutdown()
+    time.sleep(15)  # let Ray's processes exit
     if "a" in args.cases:
         # The plain loop once more, after Ray's processes have gone: the reference is the mean of the two runs, so
-        # that a slow drift of this (shared) machine over the run does not tilt the ratios either way.
-        time.sleep(15)
+        # that a slow drift of this (shared) machine over the round does not tilt the ratios either way.
         plain_after, compute_only_after, _ = plain_loop(cfg, args.steps, cores)
         print(f"(a) before the vembed cases {plain:.1f}, after {plain_after:.1f} samples/s", flush=True)
         rates["(a) plain PyTorch loop"] = (plain + plain_after) / 2
         rates["(a') same loop, batches decoded beforehand"] = (compute_only + compute_only_after) / 2
-        report(rates, flops_per_step, peak, args)
+    return rates, flops_per_step
 
 
-def report(rates: dict[str, float], flops_per_step: float, peak: float, args: argparse.Namespace) -> None:
-    """The README table and the goal ratios."""
+def report(rates: dict[str, float], flops_per_step: float, peak: float, args: argparse.Namespace) -> dict[str, float]:
+    """Print the README table and the goal ratios; returns the goal ratios."""
     plain = rates["(a) plain PyTorch loop"]
     flops_per_sample = flops_per_step / args.batch_size
     print(
@@ -372,6 +398,7 @@ def report(rates: dict[str, float], flops_per_step: float, peak: float, args: ar
     streaming = rates.get("(n) TorchTrainer 1 worker, cache_preprocessed false")
     if streaming:
         print(f"cache_preprocessed={args.cache} vs false, 1 worker: c/n = {c / streaming:.2f}")
+    return {"b/a": b / plain, "c/a": c / plain, "d/c": d / c, "seed/a": seed / plain}
 
 
 if __name__ == "__main__":
