@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from vembed.config import ConfigError, as_config
+from vembed.data.batching import BadRecord
 from vembed.data.pipeline import (
     BadRecordCounter,
     EpochClock,
@@ -75,8 +76,9 @@ def test_state_objects_sharing_one_run_state_keep_their_own_values(ray_local):
     assert (counter.total(), other_counter.total()) == (2, 0)
     assert [b.record_id for b in counter.examples()] == ["r1", "r2"]
     cache = PreprocessedCache(budget_bytes=0, state=state)  # no room: rows are not kept, bad records are
-    cache.add(["a.jsonl:3"], {"x": torch.zeros(1, 2).numpy()}, [])
-    assert cache.stats() == {"rows": 0, "bad": 0, "bytes": 0, "budget": 0}
+    cache.add(["a.jsonl:3"], {"x": torch.zeros(1, 2).numpy()}, [BadRecord("r4", "a.jsonl:4", "no image")])
+    assert cache.stats() == {"rows": 0, "bad": 1, "bytes": 0, "budget": 0}
+    assert cache.lookup(["a.jsonl:3", "a.jsonl:4"]) == [None, (None, ("r4", "a.jsonl:4", "no image"))]
 
 
 @pytest.mark.ray

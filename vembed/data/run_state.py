@@ -58,9 +58,8 @@ class RunState:
     """One zero-CPU actor on the driver's node that holds a run's shared state objects.
 
     Give it to :class:`BadRecordCounter`, :class:`EpochClock` and :class:`PreprocessedCache` (``state=``) so the
-    three live in one process instead of three; each made without one gets an actor of its own. If the driver's
-    node dies the job ends anyway, while an actor on a worker node would die with it and break every restarted
-    attempt that reports to it. Requires a running Ray instance.
+    three live in one process instead of three; each made without one gets an actor of its own. Pinned to the
+    driver's node (see ``_on_this_node``). Requires a running Ray instance.
     """
 
     def __init__(self) -> None:
@@ -190,9 +189,9 @@ class PreprocessedCache:
     """Preprocessed rows kept in the object store after their first epoch, for later epochs to reuse.
 
     A picklable handle to state in a :class:`RunState` (``state``, else one of its own), like
-    :class:`BadRecordCounter`. The
-    preprocessing tasks of :func:`build_train_dataset` look every record up by its source (file and line): a hit
-    is the row the first epoch made, a miss is preprocessed and added while fewer than ``budget_bytes`` are held.
+    :class:`BadRecordCounter`. The preprocessing tasks of :func:`build_train_dataset` look every record up by its
+    source (file and line): a hit is the row the first epoch made, a miss is preprocessed and added while fewer
+    than ``budget_bytes`` are held.
     The read stage is unchanged -- file, window and row order still come from (seed, epoch) through the
     :class:`EpochClock` -- and rows are the same arrays preprocessing makes, so a cached epoch yields exactly the
     batches a streaming epoch does; records past the budget stream as before. A record dropped as bad is
