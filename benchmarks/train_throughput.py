@@ -254,7 +254,7 @@ TRAINING_PROCESSES = {"ray::RayTrainWo"}  # Ray Train's workers, as /proc names 
 
 
 def vembed_run(cfg: dict, num_workers: int, threads: int, out: Path) -> tuple[float, dict]:
-    """(b)-(d): samples/s over the last epoch of a vembed Ray Train run, and rank 0's time per loop phase."""
+    """(b)-(d), (n): samples/s over the timed epochs of a vembed Ray Train run, and rank 0's time per loop phase."""
     from vembed.training.launcher import run_training
 
     torch.set_num_threads(threads)
@@ -265,7 +265,7 @@ def vembed_run(cfg: dict, num_workers: int, threads: int, out: Path) -> tuple[fl
 
 
 def seed_api_run(cfg: dict, out: Path) -> tuple[float, dict]:
-    """(s): samples/s over the last epoch through ``VEmbedFactoryTrainer(...).train`` with default settings."""
+    """(s): samples/s over the timed epochs through ``VEmbedFactoryTrainer(...).train`` with default settings."""
     from vembed.trainer import VEmbedFactoryTrainer
 
     trainer = VEmbedFactoryTrainer(
@@ -344,23 +344,21 @@ def one_round(cfg: dict, args: argparse.Namespace, work: Path) -> tuple[dict[str
     import ray
 
     ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)  # +2: the data pipeline beside 2 workers
-    cases = [("b", "(b) vembed num_workers=0", 0, cores), ("c", "(c) TorchTrainer 1 worker", 1, cores)]
-    cases.append(("d", "(d) TorchTrainer 2 workers DDP", 2, max(1, cores // 2)))
-    cases.append(("n", "(n) TorchTrainer 1 worker, cache_preprocessed false", 1, cores))
+    streaming = {**cfg, "cache_preprocessed": False}
+    cases: list[tuple[str, str, Callable[[Path], tuple[float, dict]]]] = [
+        ("b", "(b) vembed num_workers=0", lambda out: vembed_run(cfg, 0, cores, out)),
+        ("c", "(c) TorchTrainer 1 worker", lambda out: vembed_run(cfg, 1, cores, out)),
+        ("d", "(d) TorchTrainer 2 workers DDP", lambda out: vembed_run(cfg, 2, max(1, cores // 2), out)),
+        ("n", "(n) TorchTrainer 1 worker, cache_preprocessed false", lambda out: vembed_run(streaming, 1, cores, out)),
+        ("s", "(s) seed API, VEmbedFactoryTrainer(...).train", lambda out: seed_api_run(cfg, out)),
+    ]
     cpu = ProcessCpu(TRAINING_PROCESSES)
-    for letter, name, workers, threads in cases:
+    for letter, name, run in cases:
         if letter in args.cases:
-            case_cfg = {**cfg, "cache_preprocessed": False} if letter == "n" else cfg
             cpu.reset()
-            rates[name], metrics = vembed_run(case_cfg, workers, threads, work / f"workers{workers}{letter}")
+            rates[name], metrics = run(work / letter)
             print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
             print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
-    if "s" in args.cases:
-        name = "(s) seed API, VEmbedFactoryTrainer(...).train"
-        cpu.reset()
-        rates[name], metrics = seed_api_run(cfg, work / "seed")
-        print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
-        print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
     cpu.stop()
     ray.shutdown()
     time.sleep(15)  # let Ray's processes exit
