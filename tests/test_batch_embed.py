@@ -470,16 +470,39 @@ def text_run(ray_local, tiny_bert_dir, shapes_t2i, tmp_path_factory) -> dict:
         driver.send_signal(signal.SIGKILL)
     finally:
         logs = driver.communicate(timeout=60)[0]
+    # The killed driver's actors keep writing shards until Ray notices that their owner has gone (a shard takes well
+    # under a second here): count the shards on disk once nothing has changed there for 5 s.
+    settled = _wait_until_unchanged(output / "embeddings", quiet_s=5.0, deadline=time.monotonic() + 120)
     state = {
         "returncode": driver.returncode,
         "logs": logs[-3000:],
         "seen": seen,
         "on_disk": on_disk,  # just before the kill
+        "settled": settled,
         "parts_after_kill": sorted(p.name for p in (output / "embeddings").glob("part-*.parquet")),
     }
     (output / "embeddings" / ".part-00004.parquet.tmp-0123").write_bytes(b"half a file, as a crash leaves it")
     summary = embed_corpus(str(checkpoint), str(manifest), str(output), **options)
     return {**state, "summary": summary, "output": output, "records": records, "checkpoint": checkpoint}
+
+
+def _wait_until_unchanged(directory: Path, quiet_s: float, deadline: float) -> bool:
+    """Wait until the files in ``directory`` (names and sizes) stay the same for ``quiet_s`` seconds; False when
+    ``deadline`` came first."""
+    import time
+
+    def listing() -> set[tuple[str, int]]:
+        return {(p.name, p.stat().st_size) for p in directory.iterdir()} if directory.exists() else set()
+
+    last, since = listing(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = listing()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return True
+    return False
 
 
 @pytest.mark.ray
@@ -499,6 +522,7 @@ def test_killed_driver_then_rerun_writes_every_id_exactly_once(text_run):
     assert listed <= set(text_run["on_disk"]), "every shard the manifest called done was on disk"
     assert seen["progress"]["rows_pending"] == len(text_run["records"]) and seen["progress"]["shards_total"] == 9
     # Workers finish shards on their own until the job's actors go, so a few more than the manifest said may be done.
+    assert text_run["settled"], "the killed driver's actors must stop writing shards"
     killed_with = len(text_run["parts_after_kill"])
     assert 1 <= killed_with < 9
     output = str(text_run["output"])
