@@ -59,11 +59,13 @@ def rows_of(batches: list[dict[str, torch.Tensor]]) -> list[tuple]:
 @pytest.mark.ray
 def test_equal_batches_bad_records_counted_and_seeded_epoch_order(ray_local, t2i_with_bad_records, clip_pre):
     path, good, num_bad = t2i_with_bad_records
-    counter = BadRecordCounter()
-    cfg = {"retrieval_mode": "t2i", "shuffle": True, "shuffle_seed": 3}
-    ds = build_train_dataset(path, clip_pre, cfg, bad_records=counter)
+    from vembed.data.pipeline import EpochClock
 
-    epoch0 = list(iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=0))
+    counter, clock = BadRecordCounter(), EpochClock()
+    cfg = {"retrieval_mode": "t2i", "shuffle": True, "shuffle_seed": 3}
+    ds = build_train_dataset(path, clip_pre, cfg, bad_records=counter, epoch_clock=clock)
+
+    epoch0 = list(iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=0, epoch_clock=clock))
     assert len(epoch0) == good // 4  # 22 good rows -> 5 full batches, the partial one dropped
     for batch in epoch0:
         assert set(batch) == {
@@ -82,8 +84,8 @@ def test_equal_batches_bad_records_counted_and_seeded_epoch_order(ray_local, t2i
     assert sorted(b.record_id for b in counter.examples()) == ["bad-0", "bad-1", "bad-2"]
     assert all(str(path) in b.source for b in counter.examples())
 
-    again = list(iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=0))
-    epoch1 = list(iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=1))
+    again = list(iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=0, epoch_clock=clock))
+    epoch1 = list(iter_train_batches(ds, batch_size=4, cfg=cfg, epoch=1, epoch_clock=clock))
     assert rows_of(again) == rows_of(epoch0)  # same seed and epoch: same order
     assert rows_of(epoch1) != rows_of(epoch0)  # next epoch: reshuffled
     assert counter.total() == 3 * num_bad  # every epoch re-reads, and re-counts, the bad records

@@ -133,6 +133,19 @@ def test_data_larger_than_the_cache_budget_still_streams_the_same_batches(ray_lo
     stats = cache.stats()
     assert 0 < stats["rows"] < 70 and stats["bytes"] <= stats["budget"], stats
 
+    # A single worker's replay with the same budget: the epoch does not fit, so every epoch streams.
+    from vembed.data.epoch_replay import EpochReplay
+    from vembed.training.worker import ShardLoader
+
+    clock = EpochClock()
+    cfg = as_config({**CFG, "epochs": 2, "data_path": str(data)})
+    replay = EpochReplay(cfg, 40 * row_bytes)
+    loader = ShardLoader(build_train_dataset(data, clip_pre, CFG, epoch_clock=clock), 4, cfg, True, clock, replay)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        assert_same_batches(list(loader), expected[epoch])
+    assert not replay.ready and replay.nbytes == 0 and loader.metrics()["epochs_replayed"] == 0
+
 
 @pytest.mark.ray
 def test_auto_caches_what_fits_a_share_of_the_object_store_and_streams_the_rest(ray_local, shapes_t2i, clip_pre):
@@ -177,8 +190,77 @@ def test_a_ray_train_run_reads_its_later_epochs_from_the_cache(ray_local, tiny_c
         result = run_training(cfg)
     assert result.error is None and result.metrics["step"] == 6  # 13 good rows: 3 batches of 4 per epoch
     assert result.metrics["bad_records"] == 6  # 3 bad records, counted in each epoch as streaming counts them
-    assert "preprocessed-row cache: 13 rows and 3 dropped records held" in caplog.text
+    assert "later epochs replayed from memory" in caplog.text
+    assert result.metrics["epochs_replayed"] == 1 and result.metrics["replay_bytes"] > 0  # epoch 2 of 2
     assert result.metrics["time_window_s"] > 0 and result.metrics["time_forward_backward_s"] > 0
+
+
+@pytest.mark.ray
+def test_a_single_worker_replays_later_epochs_from_memory_as_they_stream_with_their_bad_counts(
+    ray_local, tmp_path, clip_pre
+):
+    from vembed.data.epoch_replay import EpochReplay
+    from vembed.training.worker import ShardLoader
+
+    data = mixed_records(tmp_path)
+    s_clock, s_bad = EpochClock(), BadRecordCounter()
+    streaming = build_train_dataset(data, clip_pre, CFG, bad_records=s_bad, epoch_clock=s_clock)
+    expected = [epoch_batches(streaming, s_clock, epoch) for epoch in (0, 1, 2)]
+    assert s_bad.total() == 9  # 3 bad records in each of 3 epochs
+    cfg = as_config({**CFG, "epochs": 3, "data_path": str(data)})
+
+    def loader_from(epoch: int) -> tuple[ShardLoader, EpochClock, BadRecordCounter]:
+        clock, bad = EpochClock(), BadRecordCounter()
+        ds = build_train_dataset(data, clip_pre, CFG, bad_records=bad, epoch_clock=clock)
+        loader = ShardLoader(
+            ds, 4, cfg, train=True, epoch_clock=clock, replay=EpochReplay(cfg, float("inf"), bad, clip_pre)
+        )
+        loader.set_epoch(epoch)
+        return loader, clock, bad
+
+    # A worker (re)started at epoch 1 -- a resumed run -- streams epoch 1 and replays epoch 2.
+    resumed, _, _ = loader_from(1)
+    assert_same_batches(list(resumed), expected[1])
+    resumed.set_epoch(2)
+    assert_same_batches(list(resumed), expected[2])
+    assert resumed.metrics()["epochs_replayed"] == 1
+
+    loader, clock, bad = loader_from(0)
+    assert_same_batches(list(loader), expected[0])
+    assert loader.replaying and clock.get() == 0, "no Ray Data execution is started for a replayed epoch"
+    # With the images gone, only the kept rows can make epochs 1 and 2: in streaming's (seed, epoch) order, with
+    # the bad records preprocessed and counted again, as streaming counts them.
+    shutil.move(tmp_path / "images", tmp_path / "images-moved")
+    try:
+        for epoch in (1, 2):
+            loader.set_epoch(epoch)
+            assert_same_batches(list(loader), expected[epoch])
+    finally:
+        shutil.move(tmp_path / "images-moved", tmp_path / "images")
+    assert bad.total() == s_bad.total() and clock.get() == 0
+    assert loader.metrics()["epochs_replayed"] == 2
+
+
+@pytest.mark.ray
+def test_a_vlm_worker_replays_its_ragged_rows_as_they_stream(ray_local, tmp_path, tiny_qwen3_vl_dir):
+    """Qwen3-VL rows are ragged (per-row tokens, patches and grids in object columns): replayed, they still make
+    the streaming batches."""
+    from vembed.data.epoch_replay import EpochReplay
+    from vembed.training.worker import ShardLoader
+
+    pre = Preprocessor.from_pretrained(tiny_qwen3_vl_dir)
+    data = mixed_records(tmp_path, num_good=10)
+    s_clock = EpochClock()
+    streaming = build_train_dataset(data, pre, CFG, epoch_clock=s_clock)
+    expected = [epoch_batches(streaming, s_clock, epoch) for epoch in (0, 1)]
+    cfg = as_config({**CFG, "epochs": 2, "data_path": str(data)})
+    clock = EpochClock()
+    replay = EpochReplay(cfg, float("inf"), preprocessor=pre)
+    loader = ShardLoader(build_train_dataset(data, pre, CFG, epoch_clock=clock), 4, cfg, True, clock, replay)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        assert_same_batches(list(loader), expected[epoch])
+    assert loader.metrics()["epochs_replayed"] == 1
 
 
 @pytest.mark.ray

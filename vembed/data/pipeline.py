@@ -17,11 +17,16 @@ Stages; every one streams, so the data set may be far larger than memory::
                        many run at once. With a :class:`PreprocessedCache` (``cache_preprocessed``, sized by
                        :func:`cache_budget`) the tasks look every record up first and reuse the row an earlier
                        epoch made: the read stage and its (seed, epoch) order are unchanged, so cached epochs yield
-                       the streaming batches, and records past the cache's budget stream as before
+                       the streaming batches, and records past the cache's budget stream as before. Every row
+                       carries its record's source (:data:`ROW_SOURCE_KEY`)
 
 In each Train worker, :func:`iter_train_batches` turns ``ray.train.get_dataset_shard("train")`` into equal-sized
-torch batches in the model's layout (``drop_last=True``), trims the text padding back to the batch's longest text
-(:func:`collate_train_batch`) and reshuffles rows every epoch through a local buffer seeded by (seed, epoch).
+torch batches in the model's layout (``drop_last=True``) and trims the text padding back to the batch's longest
+text (:func:`collate_train_batch`); with ``shuffle: true`` rows pass through a shuffle buffer seeded by (seed,
+epoch) first (:func:`batches_of_rows`). The rows arrive in the read stage's order, so an epoch's batches are a
+function of (seed, epoch) and the records alone, and :meth:`RecordDatasource.records_for_epoch` computes that
+order in-process: a single worker replays later epochs from memory with exactly the streaming batches
+(:mod:`vembed.data.epoch_replay`).
 
 Every random choice is seeded by (seed, epoch) and nothing by how many times the data set has run, so a run
 resumed at epoch N (a new driver, or Train workers restarted after a failure) sees the same batches as an
@@ -43,7 +48,7 @@ import os
 import pickle
 import random
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -51,7 +56,7 @@ import pyarrow as pa
 import ray
 import torch
 from ray import cloudpickle
-from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
+from ray.data.datasource import FileBasedDatasource
 
 from vembed.config import VEmbedConfig, as_config
 from vembed.data.batching import FIXED_TEXT_LENGTH_KEY, BadRecord, build_batch, trim_text_padding
@@ -70,7 +75,10 @@ RECORD_SHUFFLE_WINDOW = 16384
 PREPROCESS_BATCH_ROWS = 32
 """Records per ``map_batches`` call: small enough that a block of pixels stays a few tens of MB."""
 MIN_SHUFFLE_BUFFER_ROWS = 256
-"""Smallest local shuffle buffer (in preprocessed rows) used by :func:`iter_train_batches`."""
+"""Smallest shuffle buffer (in preprocessed rows) of :func:`batches_of_rows`."""
+ROW_SOURCE_KEY = "_record_source"
+"""Column of every preprocessed row: the source (file and line) of its record, so a worker can tell its rows apart
+(:class:`~vembed.data.epoch_replay.EpochReplay`); :func:`collate_train_batch` drops it."""
 
 RECORD_ARROW_SCHEMA = pa.schema(
     [
@@ -150,11 +158,34 @@ class RecordDatasource(FileBasedDatasource):
         """Read tasks of one execution, for the epoch the clock shows now (called as each execution starts)."""
         if self._shuffle_seed is None:
             return super().get_read_tasks(parallelism, *args, **kwargs)
-        epoch_source = copy.copy(self)  # the tasks pickle this copy: a later epoch cannot change a running one
-        epoch_source._epoch = self._epoch_clock.get() if self._epoch_clock is not None else 0
-        seed = epoch_seed(self._shuffle_seed, epoch_source._epoch, "files")
-        epoch_source._shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=False)
+        epoch = self._epoch_clock.get() if self._epoch_clock is not None else 0
+        epoch_source = self._for_epoch(epoch)  # the tasks pickle this copy: a later epoch cannot change a running one
+        order = self._file_order(epoch)
+        paths, sizes = self._paths(), self._file_sizes()
+        epoch_source._paths_ref = ray.put([paths[i] for i in order])
+        epoch_source._file_sizes_ref = ray.put([sizes[i] for i in order])
         return FileBasedDatasource.get_read_tasks(epoch_source, parallelism, *args, **kwargs)
+
+    def _for_epoch(self, epoch: int) -> RecordDatasource:
+        epoch_source = copy.copy(self)
+        epoch_source._epoch = epoch
+        return epoch_source
+
+    def _file_order(self, epoch: int) -> list[int]:
+        """Indices of the files in the order epoch ``epoch`` reads them (as listed without ``shuffle_seed``)."""
+        order = list(range(len(self._paths())))
+        if self._shuffle_seed is not None:
+            random.Random(epoch_seed(self._shuffle_seed, epoch, "files")).shuffle(order)
+        return order
+
+    def records_for_epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """The records of epoch ``epoch`` in this process, in the order a Ray Data execution of that epoch yields
+        them in order (``preserve_order``): the same files, windows and permutations as its read tasks."""
+        epoch_source, paths = self._for_epoch(epoch), self._paths()
+        for index in self._file_order(epoch):
+            with self._filesystem.open_input_file(paths[index]) as f:
+                for table in epoch_source._read_stream(f, paths[index]):
+                    yield from table.to_pylist()
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
         return filesystem.open_input_file(path)  # random access: Parquet reads its footer first
@@ -220,18 +251,33 @@ def preprocess_records(
     """``map_batches`` task function: a pyarrow batch of records -> model-input arrays, with this process's cached
     preprocessor (rows found in ``cache`` are reused, see :class:`PreprocessedCache`); dropped records go to
     ``bad_records``."""
-    pre = preprocessor.get()
-    records = table.to_pylist()
+    batch, bad = preprocess_record_rows(table.to_pylist(), preprocessor.get(), retrieval_mode, on_bad_record, cache)
+    if bad and bad_records is not None:
+        bad_records.add(bad)
+    return batch  # an empty dict (every record bad) adds no rows
+
+
+def preprocess_record_rows(
+    records: list[dict[str, Any]],
+    pre: Any,
+    retrieval_mode: str,
+    on_bad_record: str,
+    cache: PreprocessedCache | None = None,
+) -> tuple[dict[str, np.ndarray], list[BadRecord]]:
+    """Normalised records -> the training set's rows (padded to ``max_text_length``, each with its record's
+    source in :data:`ROW_SOURCE_KEY`) and the records dropped as bad; rows found in ``cache`` are reused."""
     if cache is None:
         batch, bad = build_batch(records, pre, retrieval_mode, on_bad_record=on_bad_record, pad_to_max_length=True)
     else:
         batch, bad = _through_cache(records, cache, pre, retrieval_mode, on_bad_record)
-    if bad and bad_records is not None:
-        bad_records.add(bad)
-    if batch and getattr(pre, "text_padding", "longest") == "max_length":  # keep it: see trim_text_padding
-        rows = len(next(iter(batch.values())))
-        batch[FIXED_TEXT_LENGTH_KEY] = np.full(rows, pre.max_text_length, dtype=np.int64)
-    return batch  # an empty dict (every record bad) adds no rows
+    if not batch:
+        return {}, bad
+    dropped = {b.source for b in bad}
+    sources = [rec.get(SOURCE_FIELD, "") for rec in records]  # "": a record made by hand, not read from a file
+    batch[ROW_SOURCE_KEY] = np.array([source for source in sources if source not in dropped])
+    if getattr(pre, "text_padding", "longest") == "max_length":  # keep it: see trim_text_padding
+        batch[FIXED_TEXT_LENGTH_KEY] = np.full(len(batch[ROW_SOURCE_KEY]), pre.max_text_length, dtype=np.int64)
+    return batch, bad
 
 
 def _through_cache(
@@ -270,10 +316,10 @@ def _through_cache(
             rows.append((arrays[entry[0][0].hex()], entry[1]))
     if not rows:
         return {}, bad
-    return {column: _gather(column, rows) for column in rows[0][0]}, bad
+    return {column: gather_column(column, rows) for column in rows[0][0]}, bad
 
 
-def _gather(column: str, rows: list[tuple[Mapping[str, np.ndarray], int]]) -> np.ndarray:
+def gather_column(column: str, rows: list[tuple[Mapping[str, np.ndarray], int]]) -> np.ndarray:
     """One column of the rows ``(arrays, index)``, in order (object columns -- ragged VLM rows -- stay objects)."""
     if rows[0][0][column].dtype == object:
         out = np.empty(len(rows), dtype=object)
@@ -298,13 +344,20 @@ def read_record_dataset(
     The layout (number of negatives, labels or not) is fixed from the first record, read here in the driver, so an
     empty data set fails now with :class:`~vembed.data.readers.EmptyDatasetError` rather than inside a worker.
     """
+    source = record_source(path, cfg, epoch_clock)
+    return ray.data.read_datasource(source, override_num_blocks=min(len(source._paths()), MAX_READ_TASKS))
+
+
+def record_source(
+    path: str | os.PathLike, cfg: VEmbedConfig | Mapping[str, Any], epoch_clock: EpochClock | None = None
+) -> RecordDatasource:
+    """The :class:`RecordDatasource` of :func:`read_record_dataset` (its schema and shuffling from ``cfg``)."""
     cfg = as_config(cfg)
     filesystem, files = resolve_record_files(path)
     schema = RecordSchema.from_config(cfg)
     schema = schema.with_layout_of(first_record(path, schema))
     seed = shuffle_seed(cfg) if cfg.shuffle else None
-    source = RecordDatasource(files, schema, shuffle_seed=seed, epoch_clock=epoch_clock, filesystem=filesystem)
-    return ray.data.read_datasource(source, override_num_blocks=min(len(files), MAX_READ_TASKS))
+    return RecordDatasource(files, schema, shuffle_seed=seed, epoch_clock=epoch_clock, filesystem=filesystem)
 
 
 def build_train_dataset(
@@ -372,6 +425,7 @@ def collate_train_batch(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tens
     VLM rows (ragged per-row tokens, patches and grids) are padded and concatenated by
     :func:`vembed.data.ragged.collate_rows`.
     """
+    batch = {key: value for key, value in batch.items() if key != ROW_SOURCE_KEY}
     if is_vlm_batch(batch):
         return collate_rows(batch)
     return {key: tensor_copy(value) for key, value in trim_text_padding(batch).items()}
@@ -384,29 +438,67 @@ def iter_train_batches(
     epoch: int = 0,
     prefetch_batches: int = 1,
     epoch_clock: EpochClock | None = None,
+    keep: Callable[[Mapping[str, np.ndarray]], None] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of equal-sized training batches from a worker's shard (``ray.train.get_dataset_shard("train")``).
 
     ``batch_size`` is this worker's share of the global batch; the last partial batch is dropped so every step of
     every rank has the same size (contrastive losses need it). With ``shuffle: true`` this epoch's file and window
-    orders are selected on ``epoch_clock`` (the data set's, see :func:`build_train_dataset`) and rows pass through
-    a local shuffle buffer seeded by (seed, epoch): a different, reproducible order each epoch.
+    orders are selected on ``epoch_clock`` (the data set's, see :func:`build_train_dataset`) and the rows pass
+    through :func:`batches_of_rows`' shuffle buffer: a different, reproducible order each epoch. ``keep`` is called
+    with every block of rows as it arrives (numpy arrays, read-only).
     """
     cfg = as_config(cfg)
-    shuffle = {}
+    if cfg.shuffle and epoch_clock is not None:
+        epoch_clock.set(epoch)
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+
+    def rows() -> Iterator[tuple[Mapping[str, np.ndarray], int]]:
+        for block in blocks:
+            if keep is not None:
+                keep(block)
+            yield from ((block, index) for index in range(len(next(iter(block.values())))))
+
+    return batches_of_rows(rows(), batch_size, cfg, epoch)
+
+
+def batches_of_rows(
+    rows: Iterable[tuple[Mapping[str, np.ndarray], int]],
+    batch_size: int,
+    cfg: VEmbedConfig | Mapping[str, Any],
+    epoch: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches of ``batch_size`` rows (``(arrays, index)`` pairs, in the read stage's order), collated by
+    :func:`collate_train_batch`; the partial last batch is dropped.
+
+    With ``shuffle: true`` the rows first pass through a shuffle buffer of ``max(MIN_SHUFFLE_BUFFER_ROWS,
+    4 * batch_size)`` rows seeded by (seed, epoch), which mixes rows across files and windows. The order it yields
+    depends only on the order it is given and the seed, so streaming (:func:`iter_train_batches`) and replaying
+    (:class:`~vembed.data.epoch_replay.EpochReplay`) the same rows give the same batches.
+    """
+    cfg = as_config(cfg)
     if cfg.shuffle:
-        if epoch_clock is not None:
-            epoch_clock.set(epoch)
-        shuffle = {
-            "local_shuffle_buffer_size": max(MIN_SHUFFLE_BUFFER_ROWS, 4 * batch_size),
-            "local_shuffle_seed": epoch_seed(shuffle_seed(cfg), epoch, "rows"),
-        }
-    return iter(
-        shard.iter_torch_batches(
-            batch_size=batch_size,
-            drop_last=True,
-            collate_fn=collate_train_batch,
-            prefetch_batches=prefetch_batches,
-            **shuffle,
-        )
-    )
+        rng = random.Random(epoch_seed(shuffle_seed(cfg), epoch, "rows"))
+        rows = _buffer_shuffled(rows, max(MIN_SHUFFLE_BUFFER_ROWS, 4 * batch_size), rng)
+    chunk: list[tuple[Mapping[str, np.ndarray], int]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            columns = [column for column in chunk[0][0] if column != ROW_SOURCE_KEY]
+            yield collate_train_batch({column: gather_column(column, chunk) for column in columns})
+            chunk = []
+
+
+def _buffer_shuffled(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """``items`` through a shuffle buffer of ``size``: once it is full, each new item swaps in for a random one,
+    which is yielded; the rest come out shuffled at the end."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer

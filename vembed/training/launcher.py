@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 import ray.train
@@ -149,10 +149,31 @@ def check_cluster_fits(config: VEmbedConfig, use_gpu: bool) -> None:
         )
 
 
-def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any, Any, Any]:
-    """The Ray Data pipelines ``{"train": ..., "val": ...}``, the number of training records, the counter of
-    records skipped as bad, the training set's epoch clock (the workers set it, see ``EpochClock``) and its cache
-    of preprocessed rows (None when ``cache_preprocessed`` decided to stream, see ``cache_budget``)."""
+class TrainingData(NamedTuple):
+    """What :func:`build_datasets` makes for a run."""
+
+    datasets: dict[str, Any]
+    """The Ray Data pipelines ``{"train": ..., "val": ...}``."""
+    num_records: int
+    """Training records."""
+    bad_records: Any
+    """The counter of records skipped as bad (``BadRecordCounter``)."""
+    epoch_clock: Any
+    """The training set's epoch clock; the workers set it (``EpochClock``)."""
+    cache: Any
+    """The preprocessing tasks' cache of rows for several workers (``PreprocessedCache``), else None."""
+    replay_budget: float | None
+    """Bytes of rows a single worker keeps to replay later epochs from memory (``EpochReplay``), else None."""
+
+
+def build_datasets(config: VEmbedConfig) -> TrainingData:
+    """The run's data pipelines and the state they share.
+
+    ``cache_preprocessed`` (sized by ``cache_budget``; None there: every epoch streams) is served by the one
+    worker itself when ``num_workers`` is 0 or 1: it keeps the rows of the first epoch it streams and replays the
+    later ones from memory, and Ray Data runs no preprocessing for them (``vembed.data.epoch_replay``). With
+    several workers, each epoch streams again and the preprocessing tasks reuse the rows they kept in the object
+    store (``PreprocessedCache``)."""
     from vembed.data.pipeline import (
         BadRecordCounter,
         EpochClock,
@@ -172,8 +193,13 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any, Any,
     bad_records = BadRecordCounter(state=state)
     epoch_clock = EpochClock(state=state)
     budget = cache_budget(config, num_records, preprocessor, config.data_path)
-    cache = PreprocessedCache(budget, state=state) if budget is not None else None
-    logger.info("preprocessed rows: %s", "streamed every epoch" if cache is None else f"cached up to {budget:.3g} B")
+    single_worker = config.num_workers <= 1
+    cache = PreprocessedCache(budget, state=state) if budget is not None and not single_worker else None
+    if budget is None:
+        logger.info("preprocessed rows: streamed every epoch")
+    else:
+        where = "in the worker, later epochs replayed from memory" if single_worker else "in the object store"
+        logger.info("preprocessed rows: kept up to %.3g B %s", budget, where)
     datasets = {"train": build_train_dataset(config.data_path, preprocessor, config, bad_records, epoch_clock, cache)}
     if config.val_data_path is not None:
         val_config = config.replace(shuffle=False)
@@ -182,7 +208,8 @@ def build_datasets(config: VEmbedConfig) -> tuple[dict[str, Any], int, Any, Any,
         # A bad record (on_bad_record: fail) must reach the user as itself, "bad record 'x' at file:line: ...",
         # not as Ray Data's generic "UDF failed" (the worker re-raises it, see worker.ShardLoader).
         dataset.context.raise_original_map_exception = True
-    return datasets, num_records, bad_records, epoch_clock, cache
+    replay_budget = budget if single_worker else None
+    return TrainingData(datasets, num_records, bad_records, epoch_clock, cache, replay_budget)
 
 
 def build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> TorchTrainer:
@@ -203,7 +230,7 @@ def _build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> tuple[TorchTrain
         check_cluster_fits(cfg, use_gpu)
     from vembed.data.pipeline import train_ingest_options
 
-    datasets, num_records, bad_records, epoch_clock, cache = build_datasets(cfg)
+    data = build_datasets(cfg)
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.num_workers,
         use_gpu=use_gpu,
@@ -218,13 +245,15 @@ def _build_trainer(config: VEmbedConfig | Mapping[str, Any]) -> tuple[TorchTrain
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=make_loop_config(cfg, num_records, bad_records, epoch_clock),
+        train_loop_config=make_loop_config(
+            cfg, data.num_records, data.bad_records, data.epoch_clock, data.replay_budget
+        ),
         scaling_config=scaling,
         run_config=run_config,
-        datasets=datasets,
+        datasets=data.datasets,
         dataset_config=ray.train.DataConfig(execution_options=train_ingest_options()),
     )
-    return trainer, cache
+    return trainer, data.cache
 
 
 def run_training(config: VEmbedConfig | Mapping[str, Any]) -> ray.train.Result:

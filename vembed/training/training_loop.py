@@ -126,6 +126,7 @@ class Trainer:
         model_factory: builds an unsharded model of the same architecture (FSDP user checkpoints).
         run_info: constant values added to every metrics report (e.g. worker node ids).
         bad_records: returns the number of records skipped as unreadable so far (reported as metric).
+        data_metrics: returns more metrics of the data loading to report (e.g. epochs replayed from memory).
         steps_per_epoch: optimizer steps per epoch, for the progress lines' ``step s/S`` and ETA (default:
             from ``len(dataloader)`` when it has one).
     """
@@ -147,6 +148,7 @@ class Trainer:
         model_factory: Callable[[], nn.Module] | None = None,
         run_info: Mapping[str, Any] | None = None,
         bad_records: Callable[[], int] | None = None,
+        data_metrics: Callable[[], Mapping[str, Any]] | None = None,
         steps_per_epoch: int | None = None,
     ) -> None:
         self.config = as_config(config)
@@ -175,6 +177,7 @@ class Trainer:
         self.model_factory = model_factory
         self.run_info = dict(run_info or {})
         self.bad_records = bad_records
+        self.data_metrics = data_metrics
         self.steps_per_epoch = steps_per_epoch or _steps_from_len(dataloader, cfg.gradient_accumulation_steps)
         self.output_dir = Path(cfg.output_dir)
         self.in_ray = in_ray_train_worker()
@@ -435,6 +438,8 @@ class Trainer:
         }
         if self.bad_records is not None:
             metrics["bad_records"] = self.bad_records()
+        if self.data_metrics is not None:
+            metrics.update(self.data_metrics())
         return {**metrics, **times, **self.run_info}  # times: this rank's (see vembed.training.step_timing)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -33,26 +33,37 @@ from vembed.training.optimizer_builder import build_optimizer, build_scheduler
 from vembed.training.progress import quiet_ray_train_reports
 from vembed.training.training_loop import Trainer
 
+if TYPE_CHECKING:
+    from vembed.data.epoch_replay import EpochReplay
+
 logger = logging.getLogger(__name__)
 
 NUM_RECORDS_KEY = "_num_train_records"
 BAD_RECORDS_KEY = "_bad_records"
 EPOCH_CLOCK_KEY = "_epoch_clock"
+REPLAY_BUDGET_KEY = "_replay_budget_bytes"
 
 
 def make_loop_config(
-    config: VEmbedConfig, num_train_records: int, bad_records: Any | None = None, epoch_clock: Any | None = None
+    config: VEmbedConfig,
+    num_train_records: int,
+    bad_records: Any | None = None,
+    epoch_clock: Any | None = None,
+    replay_budget: float | None = None,
 ) -> dict[str, Any]:
     """The ``train_loop_config`` for :func:`train_loop_per_worker`.
 
     ``bad_records`` is the pipeline's :class:`~vembed.data.run_state.BadRecordCounter` (reported as a metric);
-    ``epoch_clock`` the training data set's :class:`~vembed.data.run_state.EpochClock` (each epoch's order).
+    ``epoch_clock`` the training data set's :class:`~vembed.data.run_state.EpochClock` (each epoch's order);
+    ``replay_budget`` the bytes of preprocessed rows a single worker may keep to replay later epochs from memory
+    (:class:`~vembed.data.epoch_replay.EpochReplay`; None: stream every epoch).
     """
     return {
         **config.to_dict(),
         NUM_RECORDS_KEY: int(num_train_records),
         BAD_RECORDS_KEY: bad_records,
         EPOCH_CLOCK_KEY: epoch_clock,
+        REPLAY_BUDGET_KEY: replay_budget,
     }
 
 
@@ -90,22 +101,33 @@ class ShardLoader:
     Training (``train=True``): equal-sized batches reshuffled per epoch by ``iter_train_batches`` (files and
     windows through ``epoch_clock``); validation: every row once, in order.
 
-    When a training epoch's data runs out and a later epoch follows (``config.epochs``), the next epoch's pipeline
-    is started at once in a background thread, up to its first batch: its start-up (a new Ray Data execution, the
-    first blocks read and preprocessed or taken from the cache) overlaps the epoch's last step, the end-of-epoch
-    checkpoint and validation instead of following them. The batches are the same: the epoch's order depends
-    only on (seed, epoch), and the next execution is planned only after this one has delivered all its rows.
+    With a ``replay`` (one training worker, rows within the cache budget), the first epoch streamed keeps its
+    rows and every later epoch is made from them in this process, without Ray Data
+    (:class:`~vembed.data.epoch_replay.EpochReplay`). Otherwise, when a training epoch's data runs out and a later
+    epoch follows (``config.epochs``), the next epoch's pipeline is started at once in a background thread, up to
+    its first batch: its start-up (a new Ray Data execution, the first blocks read and preprocessed or taken from
+    the cache) overlaps the epoch's last step, the end-of-epoch checkpoint and validation instead of following
+    them. The batches are the same either way: the epoch's order depends only on (seed, epoch), and the next
+    execution is planned only after this one has delivered all its rows.
     """
 
     def __init__(
-        self, shard: Any, batch_size: int, config: VEmbedConfig, train: bool, epoch_clock: Any | None = None
+        self,
+        shard: Any,
+        batch_size: int,
+        config: VEmbedConfig,
+        train: bool,
+        epoch_clock: Any | None = None,
+        replay: EpochReplay | None = None,
     ) -> None:
         self.shard = shard
         self.batch_size = batch_size
         self.config = config
         self.train = train
         self.epoch_clock = epoch_clock
+        self.replay = replay if train else None
         self.epoch = 0
+        self.epochs_replayed = 0
         self._started: tuple[int, Iterator[dict[str, torch.Tensor]]] | None = None  # (epoch, its batches)
 
     def set_epoch(self, epoch: int) -> None:
@@ -117,8 +139,23 @@ class ShardLoader:
             )
         self.epoch = epoch
 
+    @property
+    def replaying(self) -> bool:
+        """True when the epochs from now on are made from the rows kept in this process."""
+        return self.replay is not None and self.replay.ready
+
+    def metrics(self) -> dict[str, float]:
+        """``epochs_replayed`` (epochs this worker made from the rows it kept) and ``replay_bytes`` (their size)."""
+        if self.replay is None:
+            return {}
+        return {"epochs_replayed": self.epochs_replayed, "replay_bytes": self.replay.nbytes}
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._started is not None:
+        streamed = not self.replaying
+        if not streamed:
+            batches = self.replay.batches(self.epoch, self.batch_size)
+            self.epochs_replayed += 1
+        elif self._started is not None:
             batches, self._started = self._started[1], None
         else:
             batches = self._batches(self.epoch)
@@ -127,15 +164,18 @@ class ShardLoader:
         except Exception as exc:
             raise_user_error(exc)  # the record's own message, not Ray's truncated UDF traceback
             raise
-        if self.train and self.epoch + 1 < self.config.epochs:
+        if streamed and self.replay is not None:
+            self.replay.epoch_streamed()
+        if self.train and self.epoch + 1 < self.config.epochs and not self.replaying:
             self._started = (self.epoch + 1, _started_in_background(self._batches(self.epoch + 1)))
 
     def _batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         from vembed.data.pipeline import collate_train_batch, iter_train_batches
 
         if self.train:
+            keep = self.replay.keep if self.replay is not None else None
             return iter_train_batches(
-                self.shard, self.batch_size, self.config, epoch=epoch, epoch_clock=self.epoch_clock
+                self.shard, self.batch_size, self.config, epoch=epoch, epoch_clock=self.epoch_clock, keep=keep
             )
         return iter(self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=collate_train_batch))
 
@@ -216,6 +256,7 @@ def _restore(trainer: Trainer) -> TrainingProgress | None:
 
 def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     """Train on this worker's data shard; checkpoints and their metrics go to ``ray.train.report``."""
+    from vembed.data.epoch_replay import EpochReplay
     from vembed.losses.factory import LossFactory
     from vembed.training.model_builder import compile_model
 
@@ -223,6 +264,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     num_records = values.pop(NUM_RECORDS_KEY, None)
     bad_records = values.pop(BAD_RECORDS_KEY, None)
     epoch_clock = values.pop(EPOCH_CLOCK_KEY, None)
+    replay_budget = values.pop(REPLAY_BUDGET_KEY, None)
     cfg = as_config(values, source="train_loop_config")
     if num_records is None:
         raise ValueError(
@@ -244,7 +286,9 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     scheduler, _ = build_scheduler(optimizer, cfg, max(cfg.epochs, 1), steps_per_epoch)
 
     batch_size = local_batch_size(cfg, world)
-    train = ShardLoader(ray.train.get_dataset_shard("train"), batch_size, cfg, train=True, epoch_clock=epoch_clock)
+    replay = EpochReplay(cfg, replay_budget, bad_records) if replay_budget is not None and world == 1 else None
+    shard = ray.train.get_dataset_shard("train")
+    train = ShardLoader(shard, batch_size, cfg, train=True, epoch_clock=epoch_clock, replay=replay)
     val = None
     if cfg.val_data_path is not None:
         val = ShardLoader(ray.train.get_dataset_shard("val"), cfg.eval_batch_size, cfg, train=False)
@@ -264,6 +308,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         model_factory=lambda: build_training_model(cfg),
         run_info={"worker_node_ids": nodes, "num_nodes": len(set(nodes)), "torch_threads": threads},
         bad_records=bad_records.total if bad_records is not None else None,
+        data_metrics=train.metrics,
         steps_per_epoch=steps_per_epoch,
     )
     _restore(trainer)
