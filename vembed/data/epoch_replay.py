@@ -64,7 +64,7 @@ class EpochReplay:
         self._bad_records = bad_records
         self._rows: dict[str, tuple[dict[str, np.ndarray], int]] = {}  # record source -> (arrays, row)
         self._bytes = 0
-        self._too_large = False
+        self._cannot_replay = False
         self._streamed = False
         self._lock = threading.Lock()  # an epoch may stream in a background thread (the worker's next epoch)
         self._source: RecordDatasource | None = None
@@ -73,7 +73,7 @@ class EpochReplay:
     @property
     def ready(self) -> bool:
         """True once a whole epoch streamed and its rows fitted the budget: later epochs can replay."""
-        return self._streamed and not self._too_large
+        return self._streamed and not self._cannot_replay
 
     @property
     def nbytes(self) -> int:
@@ -82,12 +82,13 @@ class EpochReplay:
 
     def keep(self, batch: Mapping[str, np.ndarray]) -> None:
         """Keep a copy of a streamed block's rows (nothing once the epoch's rows have outgrown the budget)."""
-        if self._too_large or self._streamed:
+        if self._cannot_replay or self._streamed or not any(len(values) for values in batch.values()):
             return
         nbytes = batch_nbytes(batch)
         with self._lock:
-            if self._bytes + nbytes > self._budget:
-                self._too_large = True  # this data set streams: free what was kept
+            if self._bytes + nbytes > self._budget or ROW_SOURCE_KEY not in batch:
+                # too large (or rows that do not say which record they are): every epoch streams; free what was kept
+                self._cannot_replay = True
                 self._rows.clear()
                 self._bytes = 0
                 return

@@ -457,7 +457,7 @@ def iter_train_batches(
         for block in blocks:
             if keep is not None:
                 keep(block)
-            yield from ((block, index) for index in range(len(next(iter(block.values())))))
+            yield from ((block, index) for index in range(len(next(iter(block.values()), ()))))
 
     return batches_of_rows(rows(), batch_size, cfg, epoch)
 
