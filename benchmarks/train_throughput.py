@@ -31,7 +31,8 @@ fraction of this CPU's measured float32 matmul peak. Goals (issue 18): b/a >= 0.
 d/c as high as the cores allow.
 
     python benchmarks/train_throughput.py [--steps 16] [--timed-epochs 3] [--batch-size 32] [--cases abcds] [--cache auto]
-        [--rounds 1]   # R > 1: every case R times, each round on a fresh local Ray; the median of each goal ratio
+        [--rounds 1]   # R > 1: every case R times, each round on a fresh local Ray (every other round in reverse
+                       # order); the median of each goal ratio
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ def main() -> None:
     for round_index in range(args.rounds):
         if args.rounds > 1:
             print(f"\n## round {round_index + 1} of {args.rounds}", flush=True)
-        rates, flops_per_step = one_round(cfg, args, work / f"round{round_index}")
+        rates, flops_per_step = one_round(cfg, args, work / f"round{round_index}", reverse=bool(round_index % 2))
         if "a" in args.cases:
             goal_ratios.append(report(rates, flops_per_step, peak, args))
     if len(goal_ratios) > 1:
@@ -327,10 +328,11 @@ def main() -> None:
             print(f"| {key} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {statistics.median(values):.2f} |")
 
 
-def one_round(cfg: dict, args: argparse.Namespace, work: Path) -> tuple[dict[str, float], float]:
-    """Every selected case once: the plain loop before Ray starts, the vembed cases on a fresh local Ray, the
-    plain loop again once Ray has shut down. Returns samples/s per case ((a), (a'): the mean of their two runs)
-    and the FLOPs of one step."""
+def one_round(cfg: dict, args: argparse.Namespace, work: Path, reverse: bool = False) -> tuple[dict[str, float], float]:
+    """Every selected case once: the plain loop before Ray starts, the vembed cases on a fresh local Ray (in
+    reverse order when ``reverse``: alternate rounds so that a drift of the machine over a round does not always
+    fall on the same case), the plain loop again once Ray has shut down. Returns samples/s per case ((a), (a'):
+    the mean of their two runs) and the FLOPs of one step."""
     cores = os.cpu_count() or 1
     # The plain loop first, before Ray starts: Ray's start-up (its worker processes importing) would otherwise take
     # the cores from under it for several seconds.
@@ -353,7 +355,7 @@ def one_round(cfg: dict, args: argparse.Namespace, work: Path) -> tuple[dict[str
         ("s", "(s) seed API, VEmbedFactoryTrainer(...).train", lambda out: seed_api_run(cfg, out)),
     ]
     cpu = ProcessCpu(TRAINING_PROCESSES)
-    for letter, name, run in cases:
+    for letter, name, run in reversed(cases) if reverse else cases:
         if letter in args.cases:
             cpu.reset()
             rates[name], metrics = run(work / letter)
