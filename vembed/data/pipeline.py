@@ -179,8 +179,8 @@ class RecordDatasource(FileBasedDatasource):
         return order
 
     def records_for_epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """The records of epoch ``epoch`` in this process, in the order a Ray Data execution of that epoch yields
-        them in order (``preserve_order``): the same files, windows and permutations as its read tasks."""
+        """The records of epoch ``epoch``, read in this process in the order an execution of that epoch yields them
+        with ``preserve_order``: the same file order, windows and permutations as its read tasks."""
         epoch_source, paths = self._for_epoch(epoch), self._paths()
         for index in self._file_order(epoch):
             with self._filesystem.open_input_file(paths[index]) as f:
