@@ -92,10 +92,13 @@ class EpochReplay:
                 self._rows.clear()
                 self._bytes = 0
                 return
-            owned = {column: _owned_copy(values) for column, values in batch.items()}
-            self._bytes += nbytes
-            for row, source in enumerate(owned[ROW_SOURCE_KEY]):
-                self._rows[str(source)] = (owned, row)
+            self._hold({column: _owned_copy(values) for column, values in batch.items()}, nbytes)
+
+    def _hold(self, batch: dict[str, np.ndarray], nbytes: int) -> None:
+        """Index the rows of ``batch`` (arrays this object owns) by their record's source."""
+        self._bytes += nbytes
+        for row, source in enumerate(batch[ROW_SOURCE_KEY]):
+            self._rows[str(source)] = (batch, row)
 
     def epoch_streamed(self) -> None:
         """The epoch :meth:`keep` saw has delivered all its rows."""
@@ -131,9 +134,7 @@ class EpochReplay:
         if bad and self._bad_records is not None:
             self._bad_records.add(bad)
         if batch:
-            self._bytes += batch_nbytes(batch)
-            for row, source in enumerate(batch[ROW_SOURCE_KEY]):
-                self._rows[str(source)] = (batch, row)
+            self._hold(batch, batch_nbytes(batch))
 
 
 def _owned_copy(values: np.ndarray) -> np.ndarray:

@@ -160,8 +160,8 @@ class RecordDatasource(FileBasedDatasource):
             return super().get_read_tasks(parallelism, *args, **kwargs)
         epoch = self._epoch_clock.get() if self._epoch_clock is not None else 0
         epoch_source = self._for_epoch(epoch)  # the tasks pickle this copy: a later epoch cannot change a running one
-        order = self._file_order(epoch)
         paths, sizes = self._paths(), self._file_sizes()
+        order = self._file_order(epoch, len(paths))
         epoch_source._paths_ref = ray.put([paths[i] for i in order])
         epoch_source._file_sizes_ref = ray.put([sizes[i] for i in order])
         return FileBasedDatasource.get_read_tasks(epoch_source, parallelism, *args, **kwargs)
@@ -171,9 +171,10 @@ class RecordDatasource(FileBasedDatasource):
         epoch_source._epoch = epoch
         return epoch_source
 
-    def _file_order(self, epoch: int) -> list[int]:
-        """Indices of the files in the order epoch ``epoch`` reads them (as listed without ``shuffle_seed``)."""
-        order = list(range(len(self._paths())))
+    def _file_order(self, epoch: int, num_files: int) -> list[int]:
+        """Indices of the ``num_files`` files in the order epoch ``epoch`` reads them (as listed without
+        ``shuffle_seed``)."""
+        order = list(range(num_files))
         if self._shuffle_seed is not None:
             random.Random(epoch_seed(self._shuffle_seed, epoch, "files")).shuffle(order)
         return order
@@ -182,7 +183,7 @@ class RecordDatasource(FileBasedDatasource):
         """The records of epoch ``epoch``, read in this process in the order an execution of that epoch yields them
         with ``preserve_order``: the same file order, windows and permutations as its read tasks."""
         epoch_source, paths = self._for_epoch(epoch), self._paths()
-        for index in self._file_order(epoch):
+        for index in self._file_order(epoch, len(paths)):
             with self._filesystem.open_input_file(paths[index]) as f:
                 for table in epoch_source._read_stream(f, paths[index]):
                     yield from table.to_pylist()
