@@ -11,7 +11,8 @@ global batch size. Cases:
     (d) ray-2   TorchTrainer, 2 DDP workers, torch threads split so workers do not oversubscribe the cores
     (n) ray-1   as (c) with ``cache_preprocessed: false``: streaming, every epoch preprocesses again (before/after)
     (s) seed    the seed API as a new user calls it: ``VEmbedFactoryTrainer(model).train(data, out, epochs=E,
-                batch_size=B)`` with every other setting at its default (1 worker, shuffling on)
+                batch_size=B)`` with every other setting at its default (1 worker, shuffling on), on the local Ray
+                instance it starts itself (no Ray running before it), as a new user gets it
 
 Every case trains 2K epochs of ``--steps`` steps and is timed over the last K (``--timed-epochs``, 3): the first
 K absorb start-up (Train workers and Ray Data worker processes importing torch and transformers, first batches,
@@ -329,8 +330,9 @@ def main() -> None:
 
 
 def one_round(cfg: dict, args: argparse.Namespace, work: Path, reverse: bool = False) -> tuple[dict[str, float], float]:
-    """Every selected case once: the plain loop before Ray starts, the vembed cases on a fresh local Ray (in
-    reverse order when ``reverse``: alternate rounds so that a drift of the machine over a round does not always
+    """Every selected case once: the plain loop before Ray starts, (b)-(d) and (n) on a fresh local Ray, (s) on
+    the local Ray the seed API starts itself (as a user gets it: ``vembed.training.launcher.ensure_ray``), all in
+    reverse order when ``reverse`` (alternate rounds, so that a drift of the machine over a round does not always
     fall on the same case), the plain loop again once Ray has shut down. Returns samples/s per case ((a), (a'):
     the mean of their two runs) and the FLOPs of one step."""
     cores = os.cpu_count() or 1
@@ -345,25 +347,40 @@ def one_round(cfg: dict, args: argparse.Namespace, work: Path, reverse: bool = F
 
     import ray
 
-    ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)  # +2: the data pipeline beside 2 workers
     streaming = {**cfg, "cache_preprocessed": False}
-    cases: list[tuple[str, str, Callable[[Path], tuple[float, dict]]]] = [
+    on_shared_ray: list[tuple[str, str, Callable[[Path], tuple[float, dict]]]] = [
         ("b", "(b) vembed num_workers=0", lambda out: vembed_run(cfg, 0, cores, out)),
         ("c", "(c) TorchTrainer 1 worker", lambda out: vembed_run(cfg, 1, cores, out)),
         ("d", "(d) TorchTrainer 2 workers DDP", lambda out: vembed_run(cfg, 2, max(1, cores // 2), out)),
         ("n", "(n) TorchTrainer 1 worker, cache_preprocessed false", lambda out: vembed_run(streaming, 1, cores, out)),
-        ("s", "(s) seed API, VEmbedFactoryTrainer(...).train", lambda out: seed_api_run(cfg, out)),
     ]
+    seed = ("s", "(s) seed API, VEmbedFactoryTrainer(...).train", lambda out: seed_api_run(cfg, out))
     cpu = ProcessCpu(TRAINING_PROCESSES)
-    for letter, name, run in reversed(cases) if reverse else cases:
-        if letter in args.cases:
-            cpu.reset()
-            rates[name], metrics = run(work / letter)
-            print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
-            print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
-    cpu.stop()
+
+    def run_cases(cases: list[tuple[str, str, Callable[[Path], tuple[float, dict]]]]) -> None:
+        for letter, name, run in reversed(cases) if reverse else cases:
+            if letter in args.cases:
+                cpu.reset()
+                rates[name], metrics = run(work / letter)
+                print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
+                print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
+
+    def on_own_ray() -> None:
+        """(s) on the local Ray instance the seed API starts itself, as a new user gets it."""
+        if "s" in args.cases:
+            run_cases([seed])
+            ray.shutdown()
+            time.sleep(15)  # let Ray's processes exit
+
+    if reverse:
+        on_own_ray()
+    ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)  # +2: the data pipeline beside 2 workers
+    run_cases(on_shared_ray)
     ray.shutdown()
-    time.sleep(15)  # let Ray's processes exit
+    time.sleep(15)
+    if not reverse:
+        on_own_ray()
+    cpu.stop()
     if "a" in args.cases:
         # The plain loop once more, after Ray's processes have gone: the reference is the mean of the two runs, so
         # that a slow drift of this (shared) machine over the round does not tilt the ratios either way.

@@ -89,11 +89,17 @@ def ensure_ray(config: VEmbedConfig) -> None:
 
 
 def _start_local_ray(cpus: int) -> None:
-    """``ray.init(num_cpus=cpus)``, tried twice: on a loaded machine the raylet can miss Ray's fixed 30 s
-    registration deadline once ("The current node timed out during startup")."""
+    """``ray.init(num_cpus=cpus)`` without the dashboard, tried twice: on a loaded machine the raylet can miss
+    Ray's fixed 30 s registration deadline once ("The current node timed out during startup").
+
+    No dashboard because its processes (the head and its modules, about ten of them) wake the cores hundreds of
+    times a second for as long as training runs, and each wake-up stalls torch's thread team: on 2 cores a
+    training step runs 5-10 % slower with them up (``benchmarks/ray_overhead.py``). To watch a local run in the
+    dashboard, start Ray first (``ray start --head``, or ``ray.init()`` in the calling process); vembed then uses
+    that instance as it is."""
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=cpus, log_to_driver=True)
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
             return
         except ValueError:
             raise
