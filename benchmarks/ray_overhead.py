@@ -6,9 +6,10 @@ round in this order, every Ray case on a fresh local instance:
 
     (p) this process, no Ray running
     (r) this process, a local Ray up with Ray's defaults (dashboard on)
-    (q) this process, a local Ray up as vembed starts one (``include_dashboard=False``)
+    (q) this process, a local Ray up as vembed starts one (``include_dashboard=False``); (r) and (q) swap places
+        every other round, and their paired ratio (q)/(r) is printed too
     (t) as (q), while a Ray Train run (1 worker whose train function only sleeps) is alive beside it
-    (w) inside that Ray Train worker (TorchTrainer, 1 worker, on the instance of (q))
+    (w) inside a Ray Train worker (TorchTrainer, 1 worker, on a Ray started as in (q))
 
 Every Ray process wakes up many times a second even when idle (timers, gRPC polling), and on a small machine
 each wake-up takes a core from one of torch's threads, whose team then waits for it. For each case the script
@@ -16,7 +17,7 @@ prints samples/s, the ratio to (p), and what the other processes did over the ti
 how many, their CPU in % of one core, their threads' wake-ups per second). (p) and the Ray cases alternate
 within a round, so a slow drift of a shared machine falls on all of them.
 
-    python benchmarks/ray_overhead.py [--rounds 3] [--steps 30] [--batch-size 32]
+    python benchmarks/ray_overhead.py [--rounds 3] [--steps 30] [--batch-size 32] [--cases rqtw]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,7 +130,8 @@ def in_train_worker(model_dir: str, steps: int, batch_size: int) -> tuple[float,
 
 
 def beside_idle_train_run(model_dir: str, steps: int, batch_size: int) -> tuple[float, str]:
-    """(t): the step in this process while a 1-worker Ray Train run that only sleeps is alive."""
+    """(t): the step in this process while a 1-worker Ray Train run that only sleeps is alive (on the running
+    local Ray)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -156,28 +159,44 @@ def beside_idle_train_run(model_dir: str, steps: int, batch_size: int) -> tuple[
     return result
 
 
-def one_round(model_dir: str, steps: int, batch_size: int) -> dict[str, tuple[float, str]]:
+NO_RAY = "(p) no Ray"
+DASHBOARD = "(r) Ray up, Ray's defaults (dashboard on)"
+NO_DASHBOARD = "(q) Ray up as vembed starts it (no dashboard)"
+
+
+def one_round(model_dir: str, steps: int, batch_size: int, cases: str, reverse: bool) -> dict[str, tuple[float, str]]:
+    """(p) and the selected Ray cases once, each Ray case on a fresh local instance; (r) and (q) swap places when
+    ``reverse`` (alternate rounds), so that their paired ratio does not always see the same drift."""
     import ray
 
     here = {os.getpid()}
     cores = os.cpu_count() or 1
-    results = {"(p) no Ray": measured(lambda: step_rate(model_dir, steps, batch_size), here)}
-    ray.init(num_cpus=cores + 1, log_to_driver=False)
-    time.sleep(10)  # Ray's start-up (workers importing) is over
-    results["(r) Ray up, Ray's defaults (dashboard on)"] = measured(
-        lambda: step_rate(model_dir, steps, batch_size), here
-    )
-    ray.shutdown()
-    time.sleep(10)
-    ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
-    time.sleep(10)
-    results["(q) Ray up as vembed starts it (no dashboard)"] = measured(
-        lambda: step_rate(model_dir, steps, batch_size), here
-    )
-    results["(t) as (q), beside an idle Ray Train run"] = beside_idle_train_run(model_dir, steps, batch_size)
-    results["(w) inside a Ray Train worker"] = in_train_worker(model_dir, steps, batch_size)
-    ray.shutdown()
-    time.sleep(10)
+
+    def in_this_process() -> tuple[float, str]:
+        return measured(lambda: step_rate(model_dir, steps, batch_size), here)
+
+    def on_fresh_ray(dashboard: bool, run: Callable[[], tuple[float, str]]) -> tuple[float, str]:
+        ray.init(num_cpus=cores + 1, include_dashboard=dashboard, log_to_driver=False)
+        time.sleep(10)  # Ray's start-up (workers importing) is over
+        try:
+            return run()
+        finally:
+            ray.shutdown()
+            time.sleep(10)  # let its processes exit
+
+    results = {NO_RAY: in_this_process()}
+    dashboard_cases = [("r", DASHBOARD, True), ("q", NO_DASHBOARD, False)]
+    for letter, name, dashboard in reversed(dashboard_cases) if reverse else dashboard_cases:
+        if letter in cases:
+            results[name] = on_fresh_ray(dashboard, in_this_process)
+    if "t" in cases:
+        results["(t) as (q), beside an idle Ray Train run"] = on_fresh_ray(
+            False, lambda: beside_idle_train_run(model_dir, steps, batch_size)
+        )
+    if "w" in cases:
+        results["(w) inside a Ray Train worker"] = on_fresh_ray(
+            False, lambda: in_train_worker(model_dir, steps, batch_size)
+        )
     return results
 
 
@@ -186,19 +205,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30, help="steps per timed window")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cases", default="rqtw", help="Ray cases beside (p), e.g. 'rq' for the dashboard A/B")
     args = parser.parse_args()
     model_dir = str(make_model(Path(tempfile.mkdtemp(prefix="vembed-ray-overhead-")) / "clip"))
     rounds = []
     for index in range(args.rounds):
         print(f"## round {index + 1} of {args.rounds}", flush=True)
-        rounds.append(one_round(model_dir, args.steps, args.batch_size))
+        rounds.append(one_round(model_dir, args.steps, args.batch_size, args.cases, reverse=bool(index % 2)))
         for name, (rate, others) in rounds[-1].items():
             print(f"{name}: {rate:.1f} samples/s; {others}", flush=True)
     print(f"\n{os.cpu_count()} cores, batch {args.batch_size}; samples/s vs (p), per round and the median")
     print("| case | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " | median |")
     print("|---|" + "---|" * (len(rounds) + 1))
-    for name in rounds[0]:
-        ratios = [r[name][0] / r["(p) no Ray"][0] for r in rounds]
+    paired = {name: [r[name][0] / r[NO_RAY][0] for r in rounds] for name in rounds[0]}
+    if DASHBOARD in rounds[0] and NO_DASHBOARD in rounds[0]:
+        paired["(q)/(r): without the dashboard vs with it"] = [r[NO_DASHBOARD][0] / r[DASHBOARD][0] for r in rounds]
+    for name, ratios in paired.items():
         print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in ratios) + f" | {statistics.median(ratios):.2f} |")
 
 

@@ -94,8 +94,9 @@ def _start_local_ray(cpus: int) -> None:
 
     No dashboard because its processes (the head and its modules, about ten of them) wake the cores hundreds of
     times a second for as long as training runs, and each wake-up stalls torch's thread team: on 2 cores a
-    training step runs 5-10 % slower with them up (``benchmarks/ray_overhead.py``). To watch a local run in the
-    dashboard, start Ray first (``ray start --head``, or ``ray.init()`` in the calling process); vembed then uses
+    training step runs ~4 % slower with them up (``benchmarks/ray_overhead.py``, paired, median of 4 rounds).
+    To watch a local run in the dashboard, start Ray first (``ray start --head``, or ``ray.init()`` in the
+    calling process); vembed then uses
     that instance as it is."""
     for attempt in (1, 2):
         try:
