@@ -35,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from train_throughput import make_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from train_throughput import make_model, process_cpu  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from transformers import CLIPModel  # noqa: E402
 
 WINDOWS = 3  # the step is timed over this many windows of --steps steps; the median is reported
@@ -67,21 +67,21 @@ def step_rate(model_dir: str, steps: int, batch_size: int) -> float:
 
 
 def process_counters(exclude: set[int]) -> dict[int, tuple[float, int]]:
-    """Per process on this machine (but ``exclude``): CPU seconds used and its threads' context switches."""
-    ticks = os.sysconf("SC_CLK_TCK")
+    """Per process on this machine (but ``exclude``): CPU seconds used and its threads' context switches
+    (voluntary and not: each is a wake-up or a preemption)."""
     counters = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in exclude:
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            _, cpu = process_cpu(entry)
             switches = 0
             for task in (entry / "task").iterdir():
                 status = (task / "status").read_text()
                 switches += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
-        except (OSError, IndexError):  # the process ended while being read
+        except OSError:  # the process ended while being read
             continue
-        counters[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / ticks, switches)
+        counters[int(entry.name)] = (cpu, switches)
     return counters
 
 
@@ -93,7 +93,7 @@ def others_line(before: dict[int, tuple[float, int]], after: dict[int, tuple[flo
     return f"{len(common)} other processes: {100 * cpu / seconds:.1f} % of one core, {wakeups / seconds:.0f} wake-ups/s"
 
 
-def measured(run, exclude: set[int]) -> tuple[float, str]:
+def measured(run: Callable[[], float], exclude: set[int]) -> tuple[float, str]:
     """``run()``'s samples/s and what the other processes did meanwhile."""
     before, start = process_counters(exclude), time.monotonic()
     rate = run()

@@ -173,6 +173,14 @@ def over_timed_epochs(name: str, epoch: Callable[[], float], epochs: int) -> flo
     return rate
 
 
+def process_cpu(proc_entry: Path) -> tuple[str, float]:
+    """A process's name (as ``/proc`` shows it, 15 characters at most) and the CPU seconds it has used (user plus
+    system), from ``/proc/PID/stat``; raises OSError once the process has ended."""
+    stat = (proc_entry / "stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ProcessCpu:
     """CPU time of every process on this machine, sampled from ``/proc`` every ``interval`` seconds in a thread,
     to say which processes used the cores over a training window, and how often the training threads waited for
@@ -183,7 +191,6 @@ class ProcessCpu:
         self.interval = interval
         # (time, {pid: (name, cpu seconds, training processes' thread_scheduling or {})})
         self.samples: list[tuple[float, dict[int, tuple[str, float, dict[int, tuple[float, int]]]]]] = []
-        self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._stopped = threading.Event()
         if Path("/proc/self/stat").exists():
             threading.Thread(target=self._run, daemon=True).start()
@@ -197,13 +204,12 @@ class ProcessCpu:
             if not entry.name.isdigit():
                 continue
             try:
-                stat = (entry / "stat").read_text()
+                name, cpu = process_cpu(entry)
             except OSError:  # the process ended
                 continue
-            pid, name = int(entry.name), stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()
+            pid = int(entry.name)
             threads = thread_scheduling(pid) if self._is_training(pid, name) else {}
-            processes[pid] = (name, (int(fields[11]) + int(fields[12])) / self._ticks, threads)
+            processes[pid] = (name, cpu, threads)
         return processes
 
     def _run(self) -> None:
@@ -365,19 +371,21 @@ def one_round(cfg: dict, args: argparse.Namespace, work: Path, reverse: bool = F
                 print(f"{name}: {rates[name]:.1f} samples/s; {breakdown_table(metrics)}", flush=True)
                 print(f"    {cpu.window(metrics['time_window_s'])}", flush=True)
 
+    def shut_down_ray() -> None:
+        ray.shutdown()
+        time.sleep(15)  # let Ray's processes exit
+
     def on_own_ray() -> None:
         """(s) on the local Ray instance the seed API starts itself, as a new user gets it."""
         if "s" in args.cases:
             run_cases([seed])
-            ray.shutdown()
-            time.sleep(15)  # let Ray's processes exit
+            shut_down_ray()
 
     if reverse:
         on_own_ray()
     ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)  # +2: the data pipeline beside 2 workers
     run_cases(on_shared_ray)
-    ray.shutdown()
-    time.sleep(15)
+    shut_down_ray()
     if not reverse:
         on_own_ray()
     cpu.stop()

@@ -96,8 +96,7 @@ def _start_local_ray(cpus: int) -> None:
     times a second for as long as training runs, and each wake-up stalls torch's thread team: on 2 cores a
     training step runs ~4 % slower with them up (``benchmarks/ray_overhead.py``, paired, median of 4 rounds).
     To watch a local run in the dashboard, start Ray first (``ray start --head``, or ``ray.init()`` in the
-    calling process); vembed then uses
-    that instance as it is."""
+    calling process); vembed then uses that instance as it is."""
     for attempt in (1, 2):
         try:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
